@@ -1,0 +1,34 @@
+# fedjax_dp: two commands on a fresh machine.
+#   make demo  -> .venv, install, DP-FedAvg on the bundled digits
+#   make test  -> .venv, install .[dev], the test suite (slow benchmarks excluded)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
+
+.PHONY: demo test test-multidevice lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(DEV_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@ $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fedjax-dp run experiments/digits_dp_fedavg.toml
+
+test: $(DEV_STAMP)
+	$(PY) -m pytest -q -n 2 tests
+
+lint: $(DEV_STAMP)
+	$(VENV)/bin/ruff check fedjax_dp tests benchmarks experiments
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,3 @@
+from fedjax_dp.cli import main
+
+raise SystemExit(main())

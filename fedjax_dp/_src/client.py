@@ -1,0 +1,191 @@
+"""Client updates: local optax optimisation over ``S`` steps, optionally with DP-SGD inside.
+
+A client update is a pure function of ONE client, ``(params, data, client_id, key, hparams) ->
+(delta, metrics)``; the round ``vmap``s it over a chunk of the cohort. It gathers the client's
+own examples from the flat dataset arrays step by step, so a cohort never materialises its
+data as a whole.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_dp._src import base
+
+LossFn = Callable[[base.Params, jax.Array, jax.Array], jax.Array]
+"""``(params, x[B, *feature], y[B]) -> per-example losses f32[B]``."""
+
+
+class ClientUpdate(NamedTuple):
+    """A per-client update and the public facts of its schedule.
+
+    Attributes:
+      update: ``(params, data, client_id, key, hparams) -> (delta, metrics)`` for one client.
+        ``delta`` has the structure of ``params``; metrics is a dict of scalars
+        (``loss_sum``, ``num_seen``, ``num_examples``).
+      num_steps: static number of local steps ``S`` (steps past a client's data are masked).
+      batch_size: static local batch size ``B``.
+      local_epochs: passes over each client's data per round, or None in fixed-step mode.
+      example_dp: whether DP-SGD (per-example clipping + noise) runs inside the client.
+    """
+
+    update: Callable[..., tuple[base.PyTree, dict[str, jax.Array]]]
+    num_steps: int
+    batch_size: int
+    local_epochs: int | None
+    example_dp: bool
+
+
+def build_client_update(
+    loss_fn: LossFn,
+    optimizer: Callable[..., optax.GradientTransformation] = optax.sgd,
+    *,
+    max_count: int,
+    batch_size: int,
+    local_epochs: int | None = 1,
+    local_steps: int | None = None,
+    example_dp: bool = False,
+    optimizer_kwargs: dict[str, Any] | None = None,
+) -> ClientUpdate:
+    """Builds the update of one client.
+
+    Local data order: each round every client draws fresh uniform permutations of its
+    examples (one per epoch) from its own key; slot ``j = s * B + b`` of step ``s`` holds the
+    example at position ``j mod count`` of permutation ``j // count``. In epoch mode
+    (``local_epochs=E``) ``S = ceil(E * max_count / B)`` and slots past ``E * count`` are
+    masked: every example is used exactly ``E`` times. In step mode (``local_steps=S``) the
+    client cycles through one permutation for ``S`` steps. A step whose batch is entirely
+    masked leaves parameters and optimizer state untouched.
+
+    Hyper-parameters read from ``hparams``: ``client_lr``; with ``example_dp`` also
+    ``example_clip_norm`` and ``example_noise_multiplier``.
+
+    Privacy (``example_dp=True``): in each step, per-example gradients are clipped to L2 norm
+    ``example_clip_norm`` (C), the clipped gradients of the real examples are summed, Gaussian
+    noise ``N(0, (sigma * C)^2)`` is added to the sum and it is divided by the public batch
+    size ``B``. Sensitivity of the sum: C under the zero-out relation (one example replaced by
+    a null example that contributes nothing; client dataset sizes, hence the schedule, are
+    public). Each example is in exactly ``E`` noised sums per round. Not protected: which
+    clients took part and how many examples each holds; the per-client training loss metric.
+
+    Args:
+      loss_fn: per-example loss ``(params, x[B, ...], y[B]) -> f32[B]``.
+      optimizer: an optax optimizer factory taking ``learning_rate`` (e.g. ``optax.sgd``).
+      max_count: the largest client's number of examples (static).
+      batch_size: local batch size ``B``.
+      local_epochs: passes over the client's data (exclusive with ``local_steps``).
+      local_steps: fixed number of local steps (exclusive with ``local_epochs``).
+      example_dp: run DP-SGD inside the client.
+      optimizer_kwargs: further static keyword arguments of ``optimizer``.
+
+    Returns:
+      A :class:`ClientUpdate`.
+    """
+    if batch_size is None or int(batch_size) < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    if (local_epochs is None) == (local_steps is None):
+        raise ValueError(
+            f"give exactly one of local_epochs={local_epochs!r} and local_steps={local_steps!r}"
+        )
+    if local_epochs is not None and (int(local_epochs) != local_epochs or local_epochs < 1):
+        raise ValueError(f"local_epochs={local_epochs!r} must be a positive integer")
+    if local_steps is not None and (int(local_steps) != local_steps or local_steps < 1):
+        raise ValueError(f"local_steps={local_steps!r} must be a positive integer")
+    if example_dp and local_epochs is None:
+        raise ValueError(
+            "example-level DP needs local_epochs (each example used a known number of times "
+            "per round); set local_epochs instead of local_steps"
+        )
+    batch_size = int(batch_size)
+    if local_epochs is not None:
+        num_steps = math.ceil(int(local_epochs) * max_count / batch_size)
+        num_perms = int(local_epochs)
+    else:
+        num_steps, num_perms = int(local_steps), 1
+    opt = optax.inject_hyperparams(optimizer)(learning_rate=0.0, **(optimizer_kwargs or {}))
+
+    def mean_loss_and_grad(params, x, y, valid, key, hparams):
+        del key, hparams
+        def mean_loss(p):
+            losses = loss_fn(p, x, y)
+            total = jnp.sum(jnp.where(valid, losses, 0.0))
+            return total / jnp.maximum(jnp.sum(valid), 1), total
+        (_, loss_sum), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
+        return grads, loss_sum
+
+    def dp_sgd_grad(params, x, y, valid, key, hparams):
+        clip = hparams["example_clip_norm"]
+        sigma = hparams["example_noise_multiplier"]
+        def one(p, x1, y1):
+            return loss_fn(p, x1[None], y1[None])[0]
+        losses, grads = jax.vmap(jax.value_and_grad(one), in_axes=(None, 0, 0))(params, x, y)
+        norms = jax.vmap(base.tree_l2_norm)(grads)  # f32[B]
+        scale = jnp.where(valid, jnp.minimum(1.0, clip / jnp.maximum(norms, 1e-12)), 0.0)
+        summed = jax.tree.map(
+            lambda g: jnp.tensordot(scale, g.astype(jnp.float32), axes=1).astype(g.dtype), grads
+        )
+        noise = base.gaussian_like(key, summed, sigma * clip)
+        noisy = jax.tree.map(lambda s, n: (s + n) / batch_size, summed, noise)
+        return noisy, jnp.sum(jnp.where(valid, losses, 0.0))
+
+    grad_fn = dp_sgd_grad if example_dp else mean_loss_and_grad
+
+    def update(params, data, client_id, key, hparams):
+        order_key, step_key = jax.random.split(key)
+        offset = data.offsets[client_id]
+        count = data.counts[client_id]
+        idx, valid = _schedule(
+            order_key, count, max_count=max_count, num_steps=num_steps,
+            batch_size=batch_size, num_perms=num_perms, epoch_mode=local_epochs is not None,
+        )
+        opt_state = opt.init(params)
+        opt_state.hyperparams["learning_rate"] = jnp.asarray(hparams["client_lr"], jnp.float32)
+
+        def step(carry, xs):
+            p, o = carry
+            step_idx, step_valid, k = xs
+            rows = offset + step_idx
+            x = jnp.take(data.x, rows, axis=0, mode="clip")
+            # Masked slots see zeros, so nothing from outside the client can leak into grads.
+            x = jnp.where(step_valid.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
+            y = jnp.take(data.y, rows, axis=0, mode="clip")
+            grads, loss_sum = grad_fn(p, x, y, step_valid, k, hparams)
+            updates, new_o = opt.update(grads, o, p)
+            new_p = optax.apply_updates(p, updates)
+            any_valid = jnp.any(step_valid)
+            return (base.tree_where(any_valid, new_p, p), base.tree_where(any_valid, new_o, o)), (
+                loss_sum, jnp.sum(step_valid))
+
+        step_keys = jax.random.split(step_key, num_steps)
+        (final, _), (loss_sums, seen) = jax.lax.scan(step, (params, opt_state), (idx, valid, step_keys))
+        delta = jax.tree.map(jnp.subtract, final, params)
+        metrics = {
+            "loss_sum": jnp.sum(loss_sums),
+            "num_seen": jnp.sum(seen).astype(jnp.float32),
+            "num_examples": count.astype(jnp.float32),
+        }
+        return delta, metrics
+
+    return ClientUpdate(update, num_steps, batch_size, local_epochs, bool(example_dp))
+
+
+def _schedule(key, count, *, max_count, num_steps, batch_size, num_perms, epoch_mode):
+    """Example positions ``int32[S, B]`` within the client and their validity ``bool[S, B]``."""
+    slots = jnp.arange(num_steps * batch_size, dtype=jnp.int32)
+    count = jnp.maximum(count, 1)
+    u = jax.random.uniform(key, (num_perms, max_count))
+    u = jnp.where(jnp.arange(max_count) < count, u, 2.0)  # padding sorts last
+    perms = jnp.argsort(u, axis=-1).astype(jnp.int32)
+    pass_index = jnp.minimum(slots // count, num_perms - 1)
+    idx = perms[pass_index, slots % count]
+    if epoch_mode:
+        valid = slots < count * num_perms
+    else:
+        valid = jnp.ones_like(slots, dtype=bool)
+    return idx.reshape(num_steps, batch_size), valid.reshape(num_steps, batch_size)

@@ -1,0 +1,187 @@
+"""Assembles one federated round into a single pure function, compiled once.
+
+``round_fn(state, data, hparams, key) -> (state, metrics)`` runs, with no Python loop over
+clients: cohort sampling on device; for each chunk of the cohort (``lax.scan``) the client
+updates (``vmap``), the per-client stages (e.g. clipping) and a streaming weighted sum; then
+the server stages on the sum (e.g. Gaussian noise), division by the denominator, and the
+server optax optimizer on the pseudo-gradient ``-mean_delta``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_dp._src import base
+from fedjax_dp._src.client import ClientUpdate
+from fedjax_dp._src.sampling import CohortSampler
+
+# Purposes of the sub-keys of a round key (fold_in constants).
+_SAMPLE, _CLIENTS, _SERVER = 0, 1, 2
+
+
+class ServerState(NamedTuple):
+    params: base.Params
+    opt_state: Any                 # server optax state (inject_hyperparams)
+    client_tx_state: Any           # state of the per-client stages
+    server_tx_state: Any           # state of the server stages
+    round: jax.Array               # shape=(), dtype=int32: rounds completed
+
+
+class Round(NamedTuple):
+    """A built round.
+
+    Attributes:
+      init: ``params -> ServerState``.
+      round_fn: the pure round ``(state, data, hparams, key) -> (state, metrics)``; jit it
+        once (:func:`build_round` returns it jitted unless ``jit=False``).
+      client_stages, server_stages: the stages, for privacy metadata.
+    """
+
+    init: Callable[[base.Params], ServerState]
+    round_fn: Callable[..., tuple[ServerState, dict[str, jax.Array]]]
+    client_stages: tuple
+    server_stages: tuple
+
+
+def build_round(
+    client: ClientUpdate,
+    sampler: CohortSampler,
+    *,
+    client_stages: Sequence[base.RoundTransform | base.DPTransform] = (),
+    server_stages: Sequence[base.RoundTransform | base.DPTransform] = (),
+    server_optimizer: Callable[..., optax.GradientTransformation] = optax.sgd,
+    server_optimizer_kwargs: dict[str, Any] | None = None,
+    weighting: str = "uniform",
+    denominator: str = "mean",
+    chunk_size: int | None = None,
+    jit: bool = True,
+) -> Round:
+    """Builds a federated round.
+
+    Args:
+      client: the per-client update (:func:`fedjax_dp.build_client_update`).
+      sampler: the cohort sampler (:func:`fedjax_dp.sampling.fixed_size` / ``poisson``).
+      client_stages: per-client transforms on the deltas ``[c, *P]`` of each chunk.
+      server_stages: transforms on the weighted SUM of deltas ``[*P]``, before division.
+      server_optimizer: optax optimizer factory taking ``learning_rate``; it receives the
+        pseudo-gradient ``-mean_delta`` (FedAvg: ``optax.sgd`` with ``server_lr=1``).
+      weighting: ``"uniform"`` (every real client weight 1) or ``"num_examples"``.
+      denominator: ``"mean"`` divides by the sum of weights of the real clients (data
+        dependent: not for DP); ``"expected"`` divides by the sampler's public expected cohort
+        size (DP-FedAvg's fixed denominator).
+      chunk_size: clients processed together (``vmap``); chunks run one after another
+        (``lax.scan``) so memory is O(chunk_size x model). Default: the whole cohort up to 64.
+      jit: return ``round_fn`` compiled with ``jax.jit`` (state donated).
+
+    Hyper-parameters read from ``hparams``: ``server_lr`` plus whatever the client update and
+    the stages read.
+    """
+    if weighting not in ("uniform", "num_examples"):
+        raise ValueError(f"weighting={weighting!r} must be 'uniform' or 'num_examples'")
+    if denominator not in ("mean", "expected"):
+        raise ValueError(f"denominator={denominator!r} must be 'mean' or 'expected'")
+    _check_dp_pairing(client_stages, server_stages)
+    cohort = sampler.cohort_size
+    if chunk_size is None:
+        chunk_size = min(cohort, 64)
+    if int(chunk_size) != chunk_size or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
+    chunk_size = min(int(chunk_size), cohort)
+    num_chunks = -(-cohort // chunk_size)
+    padded = num_chunks * chunk_size
+    client_tx = base.chain(*client_stages)
+    server_tx = base.chain(*server_stages)
+    opt = optax.inject_hyperparams(server_optimizer)(
+        learning_rate=0.0, **(server_optimizer_kwargs or {})
+    )
+    vmapped_update = jax.vmap(client.update, in_axes=(None, None, 0, 0, None))
+
+    def init(params):
+        return ServerState(
+            params=params,
+            opt_state=opt.init(params),
+            client_tx_state=client_tx.init(params),
+            server_tx_state=server_tx.init(params),
+            round=jnp.zeros((), jnp.int32),
+        )
+
+    def round_fn(state: ServerState, data, hparams, key):
+        params = state.params
+        ids, mask, overflow = sampler.sample(jax.random.fold_in(key, _SAMPLE))
+        ids = jnp.pad(ids, (0, padded - cohort))
+        mask = jnp.pad(mask, (0, padded - cohort))
+        clients_key = jax.random.fold_in(key, _CLIENTS)
+
+        def chunk(carry, xs):
+            total, weight_sum, loss_sum, seen_sum, tx_state = carry
+            cid, cmask = xs
+            ckeys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(clients_key, cid)
+            update_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(ckeys, 0)
+            tx_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(ckeys, 1)
+            deltas, cm = vmapped_update(params, data, cid, update_keys, hparams)
+            deltas, tx_state = client_tx.update(
+                deltas, tx_state, key=tx_keys, mask=cmask, hparams=hparams
+            )
+            if weighting == "uniform":
+                w = cmask.astype(jnp.float32)
+            else:
+                w = jnp.where(cmask, cm["num_examples"], 0.0)
+            total = jax.tree.map(lambda t, d: t + _masked_weighted_sum(d, w, cmask), total, deltas)
+            loss_sum = loss_sum + jnp.sum(jnp.where(cmask, cm["loss_sum"], 0.0))
+            seen_sum = seen_sum + jnp.sum(jnp.where(cmask, cm["num_seen"], 0.0))
+            carry = (total, weight_sum + jnp.sum(w), loss_sum, seen_sum, tx_state)
+            return carry, None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        init_carry = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), state.client_tx_state)
+        xs = (ids.reshape(num_chunks, chunk_size), mask.reshape(num_chunks, chunk_size))
+        (total, weight_sum, loss_sum, seen_sum, tx_state), _ = jax.lax.scan(chunk, init_carry, xs)
+
+        total, server_tx_state = server_tx.update(
+            total, state.server_tx_state, key=jax.random.fold_in(key, _SERVER), mask=None,
+            hparams=hparams,
+        )
+        if denominator == "expected":
+            denom = jnp.float32(sampler.expected_cohort_size)
+        else:
+            denom = jnp.maximum(weight_sum, 1e-12)
+        mean_delta = jax.tree.map(lambda t, p: (t / denom).astype(p.dtype), total, params)
+        pseudo_grad = jax.tree.map(jnp.negative, mean_delta)
+        opt_state = state.opt_state
+        opt_state.hyperparams["learning_rate"] = jnp.asarray(hparams["server_lr"], jnp.float32)
+        updates, opt_state = opt.update(pseudo_grad, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        metrics = {
+            "train_loss": loss_sum / jnp.maximum(seen_sum, 1.0),
+            "num_clients": jnp.sum(mask, dtype=jnp.int32),
+            "cohort_overflow": overflow,
+            "update_norm": base.tree_l2_norm(mean_delta),
+        }
+        new_state = ServerState(new_params, opt_state, tx_state, server_tx_state, state.round + 1)
+        return new_state, metrics
+
+    fn = jax.jit(round_fn, donate_argnums=0) if jit else round_fn
+    return Round(init, fn, tuple(client_stages), tuple(server_stages))
+
+
+def _masked_weighted_sum(d: jax.Array, w: jax.Array, mask: jax.Array) -> jax.Array:
+    """``sum_c w[c] * d[c]`` in float32, masked rows contributing exactly zero."""
+    m = mask.reshape((-1,) + (1,) * (d.ndim - 1))
+    d = jnp.where(m, d.astype(jnp.float32), 0.0)
+    return jnp.tensordot(w, d, axes=1)
+
+
+def _check_dp_pairing(client_stages, server_stages) -> None:
+    """Noise on the sum is only meaningful if a client stage bounds the same sensitivity."""
+    bounded = {(s.sensitivity, s.unit) for s in base.dp_stages(client_stages)}
+    for s in base.dp_stages(server_stages):
+        if s.noise_multiplier and (s.sensitivity, s.unit) not in bounded:
+            raise ValueError(
+                f"a noise stage scales with hparams[{s.sensitivity!r}] but no client stage clips "
+                f"to it, so the sensitivity is unbounded; add clip_per_client({s.sensitivity!r})"
+            )

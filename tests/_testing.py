@@ -1,0 +1,119 @@
+"""Shared test helpers: small federated data, tree asserts and plain-loop references."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import fedjax_dp
+from fedjax_dp._src import base, client as client_lib
+
+# The round's key purposes, restated here so the loop reference derives keys independently.
+SAMPLE, CLIENTS, SERVER = 0, 1, 2
+
+
+def small_data(num_clients=12, seed=0, feature_dim=6, num_classes=3, min_count=2, max_count=9):
+    """A federated dataset with unequal client sizes (host numpy)."""
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(min_count, max_count + 1, size=num_clients)
+    counts[0] = max_count
+    ids = np.repeat(np.arange(num_clients), counts)
+    x = rng.normal(size=(len(ids), feature_dim)).astype(np.float32)
+    y = rng.integers(0, num_classes, size=len(ids)).astype(np.int32)
+    return fedjax_dp.from_arrays(x, y, ids, num_classes=num_classes)
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y),
+                                                         rtol=rtol, atol=atol), a, b)
+
+
+def tree_flat(tree) -> np.ndarray:
+    return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree)])
+
+
+def loop_clip(deltas_list, clip):
+    out = []
+    for d in deltas_list:
+        norm = float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)))
+                                 for x in jax.tree.leaves(d))))
+        s = min(1.0, clip / max(norm, 1e-30))
+        out.append(jax.tree.map(lambda x: np.asarray(x, np.float64) * s, d))
+    return out
+
+
+def loop_round(sim: fedjax_dp.Simulation, state, data, hparams, key):
+    """A plain-Python reference of one round: a loop over sampled clients, SGD server only.
+
+    Derives every key on its own from the documented scheme (round key -> purpose ->
+    client id) and adds the server noise with the same key as the round's noise stage.
+    """
+    assert sim.config.server_optimizer == "sgd"
+    ids, mask, _ = sim.sampler.sample(jax.random.fold_in(key, SAMPLE))
+    clients_key = jax.random.fold_in(key, CLIENTS)
+    deltas, weights = [], []
+    for cid, m in zip(np.asarray(ids), np.asarray(mask)):
+        if not m:
+            continue
+        ckey = jax.random.fold_in(clients_key, int(cid))
+        d, metrics = sim.client.update(state.params, data, jnp.int32(cid),
+                                       jax.random.fold_in(ckey, 0), hparams)
+        deltas.append(d)
+        weights.append(float(metrics["num_examples"]) if sim.config.weighting == "num_examples"
+                       else 1.0)
+    if sim.config.user_dp:
+        deltas = loop_clip(deltas, float(hparams["clip_norm"]))
+    total = jax.tree.map(lambda x: np.zeros(x.shape, np.float64), state.params)
+    for d, w in zip(deltas, weights):
+        total = jax.tree.map(lambda t, x: t + w * np.asarray(x, np.float64), total, d)
+    if sim.config.user_dp:
+        std = float(hparams["noise_multiplier"]) * float(hparams["clip_norm"])
+        # chain(...) folds the stage index (0) into the server key.
+        noise = base.gaussian_like(jax.random.fold_in(jax.random.fold_in(key, SERVER), 0),
+                                   state.params, jnp.float32(std))
+        total = jax.tree.map(lambda t, n: t + np.asarray(n, np.float64), total, noise)
+        denom = sim.sampler.expected_cohort_size
+    else:
+        denom = max(sum(weights), 1e-12)
+    lr = float(hparams["server_lr"])
+    return jax.tree.map(lambda p, t: np.asarray(p, np.float64) + lr * t / denom,
+                        state.params, total)
+
+
+def loop_client_sgd(loss_fn, params, data, client_id, key, *, max_count, batch_size, epochs,
+                    lr, clip=None):
+    """Plain loop over local steps and examples: SGD, optional per-example clipping (no noise)."""
+    order_key, _ = jax.random.split(key)
+    offset = int(data.offsets[client_id])
+    count = int(data.counts[client_id])
+    num_steps = -(-epochs * max_count // batch_size)
+    idx, valid = client_lib._schedule(order_key, jnp.int32(count), max_count=max_count,
+                                      num_steps=num_steps, batch_size=batch_size,
+                                      num_perms=epochs, epoch_mode=True)
+    idx, valid = np.asarray(idx), np.asarray(valid)
+    p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+    x_all, y_all = np.asarray(data.x), np.asarray(data.y)
+
+    def grad_one(p, i):
+        xi = jnp.asarray(x_all[offset + i][None], jnp.float32)
+        yi = jnp.asarray(y_all[offset + i][None])
+        p32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p)
+        g = jax.grad(lambda q: loss_fn(q, xi, yi)[0])(p32)
+        return jax.tree.map(lambda a: np.asarray(a, np.float64), g)
+
+    for s in range(num_steps):
+        rows = [int(i) for i, v in zip(idx[s], valid[s]) if v]
+        if not rows:
+            continue
+        grads = [grad_one(p, i) for i in rows]
+        if clip is not None:
+            grads = loop_clip(grads, clip)
+            denom = batch_size
+        else:
+            denom = len(rows)
+        g_sum = grads[0]
+        for g in grads[1:]:
+            g_sum = jax.tree.map(np.add, g_sum, g)
+        p = jax.tree.map(lambda a, g: a - lr * g / denom, p, g_sum)
+    return jax.tree.map(lambda a, b: a - np.asarray(b, np.float64), p, params)
