@@ -8,9 +8,7 @@ A federated round is one pure function compiled once::
 """
 
 from fedjax_dp import accounting
-from fedjax_dp._src import data
-from fedjax_dp._src import models
-from fedjax_dp._src import sampling
+from fedjax_dp._src import data, models, sampling
 from fedjax_dp._src.aggregation import add_gaussian_noise, clip_per_client
 from fedjax_dp._src.algorithms import (
     ALGORITHMS,

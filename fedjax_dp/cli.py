@@ -34,8 +34,11 @@ def _build_parser() -> argparse.ArgumentParser:
             metavar = {int: "INT", float: "FLOAT", bool: "BOOL", list: "LIST"}.get(t, "STR")
             default = getattr(getattr(defaults, section), f.name)
             group.add_argument(
-                f"--{section}.{f.name}", dest=f"{section}.{f.name}", default=_SENTINEL,
-                metavar=metavar, help=f"{experiment.option_help(section, f.name)} (default: {default!r})",
+                f"--{section}.{f.name}",
+                dest=f"{section}.{f.name}",
+                default=_SENTINEL,
+                metavar=metavar,
+                help=f"{experiment.option_help(section, f.name)} (default: {default!r})",
             )
     for action in run._actions:
         if action.default is _SENTINEL:

@@ -13,7 +13,6 @@ import math
 import os
 import pathlib
 import time
-import tomllib
 import types
 import typing
 import warnings
@@ -21,17 +20,20 @@ from typing import Any
 
 import jax
 import numpy as np
+import tomllib
 
 from fedjax_dp import accounting
 from fedjax_dp._src import data as data_lib
 from fedjax_dp._src import models as models_lib
-from fedjax_dp._src.algorithms import AlgorithmConfig, Simulation, build_simulation
+from fedjax_dp._src.algorithms import AlgorithmConfig, build_simulation
 from fedjax_dp._src.evaluation import evaluate
 
 
-def _field(default, help: str, **kw):  # noqa: A002 - mirrors argparse
+def _field(default, help: str, **kw):
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+        return dataclasses.field(
+            default_factory=lambda: type(default)(default), metadata={"help": help}, **kw
+        )
     return dataclasses.field(default=default, metadata={"help": help}, **kw)
 
 
@@ -46,8 +48,11 @@ class RunConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    source: str = _field("digits", "'digits' (scikit-learn's bundled digits, no download) or "
-                         "'npz' (a file with arrays x, y, client_ids; optional x_test, y_test)")
+    source: str = _field(
+        "digits",
+        "'digits' (scikit-learn's bundled digits, no download) or "
+        "'npz' (a file with arrays x, y, client_ids; optional x_test, y_test)",
+    )
     path: str = _field("", "the .npz file for source='npz'")
     num_clients: int = _field(100, "number of clients to partition digits into")
     partition: str = _field("dirichlet", "iid | dirichlet | shards | quantity_skew")
@@ -55,14 +60,14 @@ class DataConfig:
     shards_per_client: int = _field(2, "label shards per client for partition='shards'")
     sigma: float = _field(1.0, "log-normal sigma of client sizes for partition='quantity_skew'")
     test_fraction: float = _field(0.2, "held-out fraction for evaluation")
-    input_shape: list = _field([], "reshape each example to this shape, e.g. [8, 8, 1] for 'cnn'")
+    input_shape: list = _field([], "reshape each example to this shape, e.g. [8, 8, 1] for 'cnn'")  # noqa: RUF009
 
 
 @dataclasses.dataclass
 class ModelConfig:
     name: str = _field("mlp", "mlp | logistic | cnn")
-    hidden: list = _field([64], "hidden layer widths for 'mlp'")
-    channels: list = _field([16, 32], "conv channels for 'cnn'")
+    hidden: list = _field([64], "hidden layer widths for 'mlp'")  # noqa: RUF009
+    channels: list = _field([16, 32], "conv channels for 'cnn'")  # noqa: RUF009
 
 
 _ALGO_HELP = {
@@ -122,8 +127,9 @@ def option_type(section: str, name: str) -> Any:
     return typing.get_origin(t) or t
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None
-                ) -> ExperimentConfig:
+def load_config(
+    path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None
+) -> ExperimentConfig:
     """Reads a TOML or YAML experiment file; ``overrides`` (``"section.option" -> value``) win.
 
     Raises:
@@ -156,15 +162,18 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     cfg = ExperimentConfig()
     for section, values in raw.items():
         if section not in SECTIONS:
-            raise ValueError(f"unknown config section [{section}]; valid sections: {list(SECTIONS)}")
+            raise ValueError(
+                f"unknown config section [{section}]; valid sections: {list(SECTIONS)}"
+            )
         if not isinstance(values, dict):
-            raise ValueError(f"config section [{section}] must be a table of options")
+            raise ValueError(f"config section [{section}] must be a table of options")  # noqa: TRY004
         sub = getattr(cfg, section)
         valid = [f.name for f in dataclasses.fields(sub)]
         for name, value in values.items():
             if name not in valid:
                 raise ValueError(
-                    f"unknown option {section}.{name}; valid options of [{section}]: {valid}")
+                    f"unknown option {section}.{name}; valid options of [{section}]: {valid}"
+                )
             value = _coerce(section, name, value)
             sub = dataclasses.replace(sub, **{name: value})
         setattr(cfg, section, sub)
@@ -217,10 +226,17 @@ def load_data(cfg: ExperimentConfig):
     """Returns ``(train FederatedData, (x_test, y_test))`` for ``cfg.data``."""
     d = cfg.data
     if d.source == "digits":
-        (x, y), (x_test, y_test) = data_lib.load_digits(test_fraction=d.test_fraction, seed=cfg.run.seed)
+        (x, y), (x_test, y_test) = data_lib.load_digits(
+            test_fraction=d.test_fraction, seed=cfg.run.seed
+        )
         client_ids = data_lib.partition(
-            y, num_clients=d.num_clients, method=d.partition, seed=cfg.run.seed, alpha=d.alpha,
-            shards_per_client=d.shards_per_client, sigma=d.sigma,
+            y,
+            num_clients=d.num_clients,
+            method=d.partition,
+            seed=cfg.run.seed,
+            alpha=d.alpha,
+            shards_per_client=d.shards_per_client,
+            sigma=d.sigma,
         )
     elif d.source == "npz":
         if not d.path:
@@ -246,7 +262,8 @@ def load_data(cfg: ExperimentConfig):
         if math.prod(shape) != math.prod(x.shape[1:]):
             raise ValueError(
                 f"data.input_shape={list(shape)} does not fit examples of {math.prod(x.shape[1:])} "
-                "values")
+                "values"
+            )
         x = np.reshape(x, (len(x),) + shape)
         x_test = np.reshape(x_test, (len(x_test),) + shape)
     num_classes = int(max(np.max(y), np.max(y_test))) + 1 if len(y_test) else None
@@ -306,86 +323,117 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
     hparams = sim.make_hparams()
     privacy = sim.round_privacy({k: float(v) for k, v in hparams.items()})
     accountants = {
-        rp.unit: (rp, accounting.Accountant(delta=cfg.privacy.delta, accountant=cfg.privacy.accountant,
-                                            conversion=cfg.privacy.conversion))
+        rp.unit: (
+            rp,
+            accounting.Accountant(
+                delta=cfg.privacy.delta,
+                accountant=cfg.privacy.accountant,
+                conversion=cfg.privacy.conversion,
+            ),
+        )
         for rp in privacy
     }
     if privacy and cfg.privacy.delta >= 1.0 / train.num_clients:
-        warnings.warn(f"privacy.delta={cfg.privacy.delta} is not below 1/population "
-                      f"({1.0 / train.num_clients:.3g}); choose a smaller delta", stacklevel=2)
+        warnings.warn(
+            f"privacy.delta={cfg.privacy.delta} is not below 1/population "
+            f"({1.0 / train.num_clients:.3g}); choose a smaller delta",
+            stacklevel=2,
+        )
 
     out_dir = pathlib.Path(cfg.run.output_dir) if write else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-        metrics_file = open(out_dir / "metrics.jsonl", "w")
+        metrics_file = open(out_dir / "metrics.jsonl", "w")  # noqa: SIM115 - closed in finally
     root = jax.random.key(cfg.run.seed)
     state = sim.init(jax.random.fold_in(root, 0))
     train_key = jax.random.fold_in(root, 1)
     device_data = train.to_device()
-    desc = (f"{sim.config.name} on {train.num_clients} clients "
-            f"({sim.sampler.sampling} cohort ~{sim.sampler.expected_cohort_size:g})")
+    desc = (
+        f"{sim.config.name} on {train.num_clients} clients "
+        f"({sim.sampler.sampling} cohort ~{sim.sampler.expected_cohort_size:g})"
+    )
     log(desc)
     for rp in privacy:
-        log(f"  privacy: {rp.unit}-level, noise multiplier {rp.noise_multiplier:g}, "
-            f"delta {cfg.privacy.delta:g}, accountant {cfg.privacy.accountant}")
+        log(
+            f"  privacy: {rp.unit}-level, noise multiplier {rp.noise_multiplier:g}, "
+            f"delta {cfg.privacy.delta:g}, accountant {cfg.privacy.accountant}"
+        )
     bar = _progress(cfg.run.rounds, cfg.run.progress)
     pending: list[tuple[int, dict[str, Any]]] = []
     history: list[dict[str, Any]] = []
     overflow_total = 0
+    written = 0  # rows of `history` already in metrics.jsonl
     start = time.perf_counter()
     try:
         for r in range(cfg.run.rounds):
-            state, metrics = sim.round_fn(state, device_data, hparams, jax.random.fold_in(train_key, r))
+            state, metrics = sim.round_fn(
+                state, device_data, hparams, jax.random.fold_in(train_key, r)
+            )
             pending.append((r + 1, metrics))
-            for rp, acct in accountants.values():
-                acct.compose(rp, 1)
             last = r + 1 == cfg.run.rounds
             if (r + 1) % cfg.run.eval_every == 0 or last:
-                fetched = jax.device_get([m for _, m in pending])
-                overflow_total += sum(int(m["cohort_overflow"]) for m in fetched)
-                train_loss = float(np.mean([float(m["train_loss"]) for m in fetched]))
+                # One host sync per evaluation point: fetch the pending rounds' metrics.
+                for rnd, m in zip([i for i, _ in pending], jax.device_get([m for _, m in pending])):
+                    row = {
+                        "round": rnd,
+                        "train_loss": float(m["train_loss"]),
+                        "num_clients": int(m["num_clients"]),
+                        "cohort_overflow": int(m["cohort_overflow"]),
+                    }
+                    overflow_total += row["cohort_overflow"]
+                    for unit, (rp, acct) in accountants.items():
+                        acct.compose(rp, 1)
+                        row[f"epsilon_{unit}"] = acct.epsilon()
+                    if accountants:
+                        row["delta"] = cfg.privacy.delta
+                    history.append(row)
                 pending.clear()
                 ev = evaluate(model, state.params, x_test, y_test)
-                row = {
-                    "round": r + 1,
-                    "train_loss": train_loss,
-                    "test_loss": ev["loss"],
-                    "test_accuracy": ev["accuracy"],
-                    "elapsed_s": time.perf_counter() - start,
-                }
-                for unit, (_, acct) in accountants.items():
-                    row[f"epsilon_{unit}"] = acct.epsilon()
-                if accountants:
-                    row["delta"] = cfg.privacy.delta
-                history.append(row)
+                row.update(
+                    test_loss=ev["loss"],
+                    test_accuracy=ev["accuracy"],
+                    elapsed_s=time.perf_counter() - start,
+                )
                 if out_dir is not None:
-                    metrics_file.write(json.dumps(row) + "\n")
+                    metrics_file.writelines(json.dumps(h) + "\n" for h in history[written:])
                     metrics_file.flush()
-                msg = (f"round {r + 1:>5}/{cfg.run.rounds}  train loss {train_loss:.4f}  "
-                       f"test loss {ev['loss']:.4f}  accuracy {ev['accuracy']:.4f}")
-                for unit, (_, acct) in accountants.items():
+                recent = history[written:]
+                written = len(history)
+                train_loss = float(np.mean([h["train_loss"] for h in recent]))
+                msg = (
+                    f"round {r + 1:>5}/{cfg.run.rounds}  train loss {train_loss:.4f}  "
+                    f"test loss {ev['loss']:.4f}  accuracy {ev['accuracy']:.4f}"
+                )
+                for unit in accountants:
                     msg += f"  eps({unit}) {row[f'epsilon_{unit}']:.3f}"
                 bar.write(msg)
-                bar.set_postfix(acc=f"{ev['accuracy']:.3f}", **{
-                    f"eps_{u}": f"{row[f'epsilon_{u}']:.2f}" for u in accountants})
+                bar.set_postfix(
+                    acc=f"{ev['accuracy']:.3f}",
+                    **{f"eps_{u}": f"{row[f'epsilon_{u}']:.2f}" for u in accountants},
+                )
             bar.update(1)
     finally:
         bar.close()
         if out_dir is not None:
             metrics_file.close()
     if overflow_total:
-        warnings.warn(f"Poisson sampling selected {overflow_total} clients more than the static "
-                      "cohort size over the run; they were left out (see cohort_overflow)", stacklevel=2)
-    final = dict(history[-1])
+        warnings.warn(
+            f"Poisson sampling selected {overflow_total} clients more than the static "
+            "cohort size over the run; they were left out (see cohort_overflow)",
+            stacklevel=2,
+        )
+    final = dict(history[-1])  # the last round is always an evaluation point
     final["rounds_per_s"] = cfg.run.rounds / max(time.perf_counter() - start, 1e-9)
     final["cohort_overflow"] = overflow_total
     if out_dir is not None:
         save_params(out_dir / "params.npz", state.params)
         (out_dir / "summary.json").write_text(json.dumps(final, indent=2) + "\n")
     eps = "  ".join(f"epsilon ({u}-level) = {final[f'epsilon_{u}']:.3f}" for u in accountants)
-    log(f"final accuracy {final['test_accuracy']:.4f}  test loss {final['test_loss']:.4f}"
-        + (f"  {eps} at delta = {cfg.privacy.delta:g}" if accountants else "  (no DP)"))
+    log(
+        f"final accuracy {final['test_accuracy']:.4f}  test loss {final['test_loss']:.4f}"
+        + (f"  {eps} at delta = {cfg.privacy.delta:g}" if accountants else "  (no DP)")
+    )
     if out_dir is not None:
         log(f"wrote {out_dir}/metrics.jsonl, params.npz, summary.json")
     return RunResult(state.params, final, history, out_dir)

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import fedjax_dp
-from fedjax_dp._src import base, client as client_lib
+from fedjax_dp._src import base
+from fedjax_dp._src import client as client_lib
 
 # The round's key purposes, restated here so the loop reference derives keys independently.
 SAMPLE, CLIENTS, SERVER = 0, 1, 2
@@ -25,8 +26,11 @@ def small_data(num_clients=12, seed=0, feature_dim=6, num_classes=3, min_count=2
 
 
 def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y),
-                                                         rtol=rtol, atol=atol), a, b)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol),
+        a,
+        b,
+    )
 
 
 def tree_flat(tree) -> np.ndarray:
@@ -36,10 +40,11 @@ def tree_flat(tree) -> np.ndarray:
 def loop_clip(deltas_list, clip):
     out = []
     for d in deltas_list:
-        norm = float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)))
-                                 for x in jax.tree.leaves(d))))
+        norm = float(
+            np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(d)))
+        )
         s = min(1.0, clip / max(norm, 1e-30))
-        out.append(jax.tree.map(lambda x: np.asarray(x, np.float64) * s, d))
+        out.append(jax.tree.map(lambda x, s=s: np.asarray(x, np.float64) * s, d))
     return out
 
 
@@ -57,40 +62,51 @@ def loop_round(sim: fedjax_dp.Simulation, state, data, hparams, key):
         if not m:
             continue
         ckey = jax.random.fold_in(clients_key, int(cid))
-        d, metrics = sim.client.update(state.params, data, jnp.int32(cid),
-                                       jax.random.fold_in(ckey, 0), hparams)
+        d, metrics = sim.client.update(
+            state.params, data, jnp.int32(cid), jax.random.fold_in(ckey, 0), hparams
+        )
         deltas.append(d)
-        weights.append(float(metrics["num_examples"]) if sim.config.weighting == "num_examples"
-                       else 1.0)
+        weights.append(
+            float(metrics["num_examples"]) if sim.config.weighting == "num_examples" else 1.0
+        )
     if sim.config.user_dp:
         deltas = loop_clip(deltas, float(hparams["clip_norm"]))
     total = jax.tree.map(lambda x: np.zeros(x.shape, np.float64), state.params)
     for d, w in zip(deltas, weights):
-        total = jax.tree.map(lambda t, x: t + w * np.asarray(x, np.float64), total, d)
+        total = jax.tree.map(lambda t, x, w=w: t + w * np.asarray(x, np.float64), total, d)
     if sim.config.user_dp:
         std = float(hparams["noise_multiplier"]) * float(hparams["clip_norm"])
         # chain(...) folds the stage index (0) into the server key.
-        noise = base.gaussian_like(jax.random.fold_in(jax.random.fold_in(key, SERVER), 0),
-                                   state.params, jnp.float32(std))
+        noise = base.gaussian_like(
+            jax.random.fold_in(jax.random.fold_in(key, SERVER), 0), state.params, jnp.float32(std)
+        )
         total = jax.tree.map(lambda t, n: t + np.asarray(n, np.float64), total, noise)
         denom = sim.sampler.expected_cohort_size
     else:
         denom = max(sum(weights), 1e-12)
     lr = float(hparams["server_lr"])
-    return jax.tree.map(lambda p, t: np.asarray(p, np.float64) + lr * t / denom,
-                        state.params, total)
+    return jax.tree.map(
+        lambda p, t: np.asarray(p, np.float64) + lr * t / denom, state.params, total
+    )
 
 
-def loop_client_sgd(loss_fn, params, data, client_id, key, *, max_count, batch_size, epochs,
-                    lr, clip=None):
+def loop_client_sgd(
+    loss_fn, params, data, client_id, key, *, max_count, batch_size, epochs, lr, clip=None
+):
     """Plain loop over local steps and examples: SGD, optional per-example clipping (no noise)."""
     order_key, _ = jax.random.split(key)
     offset = int(data.offsets[client_id])
     count = int(data.counts[client_id])
     num_steps = -(-epochs * max_count // batch_size)
-    idx, valid = client_lib._schedule(order_key, jnp.int32(count), max_count=max_count,
-                                      num_steps=num_steps, batch_size=batch_size,
-                                      num_perms=epochs, epoch_mode=True)
+    idx, valid = client_lib._schedule(
+        order_key,
+        jnp.int32(count),
+        max_count=max_count,
+        num_steps=num_steps,
+        batch_size=batch_size,
+        num_perms=epochs,
+        epoch_mode=True,
+    )
     idx, valid = np.asarray(idx), np.asarray(valid)
     p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
     x_all, y_all = np.asarray(data.x), np.asarray(data.y)
@@ -115,5 +131,5 @@ def loop_client_sgd(loss_fn, params, data, client_id, key, *, max_count, batch_s
         g_sum = grads[0]
         for g in grads[1:]:
             g_sum = jax.tree.map(np.add, g_sum, g)
-        p = jax.tree.map(lambda a, g: a - lr * g / denom, p, g_sum)
+        p = jax.tree.map(lambda a, g, denom=denom: a - lr * g / denom, p, g_sum)
     return jax.tree.map(lambda a, b: a - np.asarray(b, np.float64), p, params)

@@ -25,7 +25,6 @@ def _mean_label_entropy(labels, ids, num_clients, num_classes):
 
 
 class FromArraysTest(parameterized.TestCase):
-
     def _random_arrays(self, n=57, feature_shape=(3, 2), num_clients=7, seed=0):
         rng = np.random.default_rng(seed)
         x = rng.normal(size=(n,) + feature_shape)
@@ -101,29 +100,58 @@ class FromArraysTest(parameterized.TestCase):
         self.assertEqual(fd.y.dtype, np.int32)
 
     @parameterized.named_parameters(
-        ("length_mismatch_y", lambda: data.from_arrays(np.zeros((3, 2)), [0, 1], [0, 1, 2]),
-         r"len\(x\)=3, len\(y\)=2, len\(client_ids\)=3"),
-        ("length_mismatch_ids", lambda: data.from_arrays(np.zeros((3, 2)), [0, 1, 1], [0, 1]),
-         "client_ids"),
+        (
+            "length_mismatch_y",
+            lambda: data.from_arrays(np.zeros((3, 2)), [0, 1], [0, 1, 2]),
+            r"len\(x\)=3, len\(y\)=2, len\(client_ids\)=3",
+        ),
+        (
+            "length_mismatch_ids",
+            lambda: data.from_arrays(np.zeros((3, 2)), [0, 1, 1], [0, 1]),
+            "client_ids",
+        ),
         ("no_examples", lambda: data.from_arrays(np.zeros((0, 2)), [], []), "x has no examples"),
-        ("fractional_labels",
-         lambda: data.from_arrays(np.zeros((2, 1)), [0.0, 1.5], [0, 1]), "y .*1.5"),
+        (
+            "fractional_labels",
+            lambda: data.from_arrays(np.zeros((2, 1)), [0.0, 1.5], [0, 1]),
+            "y .*1.5",
+        ),
         ("string_labels", lambda: data.from_arrays(np.zeros((2, 1)), ["a", "b"], [0, 1]), "y"),
-        ("negative_label", lambda: data.from_arrays(np.zeros((2, 1)), [-1, 1], [0, 1]),
-         "y contains the label -1"),
-        ("label_too_large",
-         lambda: data.from_arrays(np.zeros((2, 1)), [0, 3], [0, 1], num_classes=3),
-         "label 3 >= num_classes=3"),
-        ("nan_features", lambda: data.from_arrays(np.array([[0.0], [np.nan]]), [0, 1], [0, 1]),
-         "x contains non-finite"),
-        ("inf_features", lambda: data.from_arrays(np.array([[np.inf], [0.0]]), [0, 1], [0, 1]),
-         "x contains non-finite"),
-        ("num_classes_one", lambda: data.from_arrays(np.zeros((2, 1)), [0, 0], [0, 1],
-                                                     num_classes=1), "num_classes=1"),
-        ("num_classes_inferred_one", lambda: data.from_arrays(np.zeros((2, 1)), [0, 0], [0, 1]),
-         "num_classes=1"),
-        ("mixed_ids", lambda: data.from_arrays(np.zeros((2, 1)), [0, 1],
-                                               np.array([1, "a"], dtype=object)), "client_ids"),
+        (
+            "negative_label",
+            lambda: data.from_arrays(np.zeros((2, 1)), [-1, 1], [0, 1]),
+            "y contains the label -1",
+        ),
+        (
+            "label_too_large",
+            lambda: data.from_arrays(np.zeros((2, 1)), [0, 3], [0, 1], num_classes=3),
+            "label 3 >= num_classes=3",
+        ),
+        (
+            "nan_features",
+            lambda: data.from_arrays(np.array([[0.0], [np.nan]]), [0, 1], [0, 1]),
+            "x contains non-finite",
+        ),
+        (
+            "inf_features",
+            lambda: data.from_arrays(np.array([[np.inf], [0.0]]), [0, 1], [0, 1]),
+            "x contains non-finite",
+        ),
+        (
+            "num_classes_one",
+            lambda: data.from_arrays(np.zeros((2, 1)), [0, 0], [0, 1], num_classes=1),
+            "num_classes=1",
+        ),
+        (
+            "num_classes_inferred_one",
+            lambda: data.from_arrays(np.zeros((2, 1)), [0, 0], [0, 1]),
+            "num_classes=1",
+        ),
+        (
+            "mixed_ids",
+            lambda: data.from_arrays(np.zeros((2, 1)), [0, 1], np.array([1, "a"], dtype=object)),
+            "client_ids",
+        ),
     )
     def test_bad_input(self, fn, pattern):
         with self.assertRaisesRegex(ValueError, pattern):
@@ -131,7 +159,6 @@ class FromArraysTest(parameterized.TestCase):
 
 
 class PartitionTest(parameterized.TestCase):
-
     @parameterized.parameters(*METHODS)
     def test_valid_and_deterministic(self, method):
         y = _balanced_labels()
@@ -142,10 +169,10 @@ class PartitionTest(parameterized.TestCase):
         sizes = np.bincount(ids, minlength=12)
         self.assertGreaterEqual(sizes.min(), 1)
         self.assertEqual(sizes.sum(), len(y))
-        np.testing.assert_array_equal(
-            ids, data.partition(y, num_clients=12, method=method, seed=3))
-        self.assertFalse(np.array_equal(
-            ids, data.partition(y, num_clients=12, method=method, seed=4)))
+        np.testing.assert_array_equal(ids, data.partition(y, num_clients=12, method=method, seed=3))
+        self.assertFalse(
+            np.array_equal(ids, data.partition(y, num_clients=12, method=method, seed=4))
+        )
 
     def test_iid_near_equal(self):
         ids = data.partition(np.zeros(103), num_clients=10, seed=0)
@@ -171,8 +198,9 @@ class PartitionTest(parameterized.TestCase):
 
     def test_dirichlet_min_examples(self):
         y = _balanced_labels(num_classes=10, per_class=50)
-        ids = data.partition(y, num_clients=10, method="dirichlet", alpha=0.3, min_examples=10,
-                             seed=1)
+        ids = data.partition(
+            y, num_clients=10, method="dirichlet", alpha=0.3, min_examples=10, seed=1
+        )
         self.assertGreaterEqual(np.bincount(ids, minlength=10).min(), 10)
 
     def test_dirichlet_gives_up_with_clear_error(self):
@@ -192,8 +220,9 @@ class PartitionTest(parameterized.TestCase):
     def test_shards_limit_labels_per_client(self, shards_per_client):
         # 10 classes x 60 examples, 10 clients: shard size divides 60, so no shard straddles.
         y = _balanced_labels(num_classes=10, per_class=60)
-        ids = data.partition(y, num_clients=10, method="shards",
-                             shards_per_client=shards_per_client, seed=0)
+        ids = data.partition(
+            y, num_clients=10, method="shards", shards_per_client=shards_per_client, seed=0
+        )
         sizes = np.bincount(ids)
         np.testing.assert_array_equal(sizes, np.full(10, 60))
         distinct = [len(np.unique(y[ids == k])) for k in range(10)]
@@ -210,8 +239,14 @@ class PartitionTest(parameterized.TestCase):
         self.assertLessEqual(equal.max() - equal.min(), 1)
 
     def test_quantity_skew_min_examples(self):
-        ids = data.partition(np.zeros(500), num_clients=25, method="quantity_skew", sigma=3.0,
-                             min_examples=15, seed=0)
+        ids = data.partition(
+            np.zeros(500),
+            num_clients=25,
+            method="quantity_skew",
+            sigma=3.0,
+            min_examples=15,
+            seed=0,
+        )
         sizes = np.bincount(ids, minlength=25)
         self.assertGreaterEqual(sizes.min(), 15)
         self.assertEqual(sizes.sum(), 500)
@@ -220,15 +255,21 @@ class PartitionTest(parameterized.TestCase):
         ("zero_clients", {"num_clients": 0}, "num_clients=0"),
         ("too_many_clients", {"num_clients": 31}, "num_clients=31 exceeds the 30 examples"),
         ("float_clients", {"num_clients": 2.5}, "num_clients"),
-        ("unknown_method", {"num_clients": 3, "method": "pathological"},
-         "method='pathological'.*iid, dirichlet, shards, quantity_skew"),
+        (
+            "unknown_method",
+            {"num_clients": 3, "method": "pathological"},
+            "method='pathological'.*iid, dirichlet, shards, quantity_skew",
+        ),
         ("zero_alpha", {"num_clients": 3, "alpha": 0.0}, "alpha=0.0"),
         ("negative_alpha", {"num_clients": 3, "alpha": -1.0}, "alpha=-1.0"),
         ("inf_alpha", {"num_clients": 3, "alpha": float("inf")}, "alpha=inf"),
         ("nan_alpha", {"num_clients": 3, "alpha": float("nan")}, "alpha=nan"),
         ("zero_shards", {"num_clients": 3, "shards_per_client": 0}, "shards_per_client=0"),
-        ("too_many_shards", {"num_clients": 3, "method": "shards", "shards_per_client": 11},
-         "shards_per_client=11"),
+        (
+            "too_many_shards",
+            {"num_clients": 3, "method": "shards", "shards_per_client": 11},
+            "shards_per_client=11",
+        ),
         ("negative_sigma", {"num_clients": 3, "sigma": -0.5}, "sigma=-0.5"),
         ("zero_min_examples", {"num_clients": 3, "min_examples": 0}, "min_examples=0"),
         ("infeasible_min_examples", {"num_clients": 3, "min_examples": 11}, "min_examples=11"),
@@ -243,7 +284,6 @@ class PartitionTest(parameterized.TestCase):
 
 
 class MakeFederatedTest(absltest.TestCase):
-
     def test_matches_partition_then_from_arrays(self):
         rng = np.random.default_rng(0)
         x = rng.normal(size=(200, 4)).astype(np.float32)
@@ -258,7 +298,6 @@ class MakeFederatedTest(absltest.TestCase):
 
 
 class LoadDigitsTest(absltest.TestCase):
-
     def test_shapes_range_split_and_determinism(self):
         (x, y), (xt, yt) = data.load_digits(test_fraction=0.25, seed=0)
         self.assertEqual(len(x) + len(xt), 1797)
@@ -277,6 +316,7 @@ class LoadDigitsTest(absltest.TestCase):
         self.assertFalse(np.array_equal(x, x3))
         # Train and test together are exactly the whole dataset (a split, not a resample).
         from sklearn import datasets
+
         full_x, full_y = datasets.load_digits(return_X_y=True)
         rows = np.concatenate([np.concatenate([x, xt]), np.concatenate([y, yt])[:, None]], 1)
         full = np.concatenate([full_x / 16.0, full_y[:, None]], 1).astype(np.float32)
@@ -290,10 +330,10 @@ class LoadDigitsTest(absltest.TestCase):
 
 
 class SyntheticTest(absltest.TestCase):
-
     def test_shapes_and_determinism(self):
-        fd = data.synthetic_classification(num_clients=5, examples_per_client=7,
-                                           feature_shape=(4, 4, 1), num_classes=3, seed=0)
+        fd = data.synthetic_classification(
+            num_clients=5, examples_per_client=7, feature_shape=(4, 4, 1), num_classes=3, seed=0
+        )
         self.assertEqual(fd.num_clients, 5)
         self.assertEqual(fd.num_examples, 35)
         self.assertEqual(fd.feature_shape, (4, 4, 1))
@@ -304,17 +344,20 @@ class SyntheticTest(absltest.TestCase):
         np.testing.assert_array_equal(fd.counts, np.full(5, 7))
         np.testing.assert_array_equal(fd.offsets, np.arange(5) * 7)
         self.assertTrue(np.all((fd.y >= 0) & (fd.y < 3)))
-        again = data.synthetic_classification(num_clients=5, examples_per_client=7,
-                                              feature_shape=(4, 4, 1), num_classes=3, seed=0)
+        again = data.synthetic_classification(
+            num_clients=5, examples_per_client=7, feature_shape=(4, 4, 1), num_classes=3, seed=0
+        )
         np.testing.assert_array_equal(fd.x, again.x)
         np.testing.assert_array_equal(fd.y, again.y)
-        other = data.synthetic_classification(num_clients=5, examples_per_client=7,
-                                              feature_shape=(4, 4, 1), num_classes=3, seed=1)
+        other = data.synthetic_classification(
+            num_clients=5, examples_per_client=7, feature_shape=(4, 4, 1), num_classes=3, seed=1
+        )
         self.assertFalse(np.array_equal(fd.x, other.x))
 
     def test_classes_are_separated(self):
-        fd = data.synthetic_classification(num_clients=10, examples_per_client=50,
-                                           feature_shape=(32,), num_classes=4, seed=0)
+        fd = data.synthetic_classification(
+            num_clients=10, examples_per_client=50, feature_shape=(32,), num_classes=4, seed=0
+        )
         # Nearest class mean (estimated from the data) classifies well above chance.
         means = np.stack([fd.x[fd.y == c].mean(0) for c in range(4)])
         pred = np.argmin(((fd.x[:, None] - means[None]) ** 2).sum(-1), axis=1)
@@ -328,17 +371,21 @@ class SyntheticTest(absltest.TestCase):
         with self.assertRaisesRegex(ValueError, "num_classes"):
             data.synthetic_classification(num_clients=2, examples_per_client=3, num_classes=1)
         with self.assertRaisesRegex(ValueError, "feature_shape"):
-            data.synthetic_classification(num_clients=2, examples_per_client=3,
-                                          feature_shape=(0, 3))
+            data.synthetic_classification(
+                num_clients=2, examples_per_client=3, feature_shape=(0, 3)
+            )
 
 
 class PytreeTest(absltest.TestCase):
-
     def setUp(self):
         super().setUp()
         rng = np.random.default_rng(0)
-        self.fd = data.from_arrays(rng.normal(size=(20, 3)), rng.integers(0, 3, 20),
-                                   np.repeat(["a", "b", "c", "d"], 5), num_classes=4)
+        self.fd = data.from_arrays(
+            rng.normal(size=(20, 3)),
+            rng.integers(0, 3, 20),
+            np.repeat(["a", "b", "c", "d"], 5),
+            num_classes=4,
+        )
 
     def test_leaves_are_the_four_arrays(self):
         leaves = jax.tree.leaves(self.fd)

@@ -18,6 +18,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO = ROOT / "experiments" / "digits_dp_fedavg.toml"
 
 
+def _read(*parts) -> str:
+    return pathlib.Path(*parts).read_text()
+
+
 def _tmpdir(test) -> str:
     path = tempfile.mkdtemp()
     test.addCleanup(shutil.rmtree, path, ignore_errors=True)
@@ -25,21 +29,28 @@ def _tmpdir(test) -> str:
 
 
 class DemoTest(absltest.TestCase):
-
     def test_demo_config_learns_and_accounts(self):
         """The `make demo` config at 60 of its 200 rounds: well above chance (0.1)."""
         out = _tmpdir(self)
-        cfg = experiment.load_config(DEMO, {"run.rounds": 60, "run.output_dir": out,
-                                            "run.progress": False})
+        cfg = experiment.load_config(
+            DEMO, {"run.rounds": 60, "run.output_dir": out, "run.progress": False}
+        )
         result = experiment.run(cfg, log=lambda *_: None)
         self.assertGreater(result.final["test_accuracy"], 0.8)
-        rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-        self.assertEqual([r["round"] for r in rows], [20, 40, 60])
+        rows = [json.loads(line) for line in _read(out, "metrics.jsonl").splitlines()]
+        self.assertEqual([r["round"] for r in rows], list(range(1, 61)))  # one line per round
+        self.assertEqual([r["round"] for r in rows if "test_accuracy" in r], [20, 40, 60])
+        self.assertTrue(all(np.isfinite(r["epsilon_user"]) for r in rows))
+        eps = [r["epsilon_user"] for r in rows]
+        self.assertEqual(eps, sorted(eps))
         # epsilon equals dp-accounting called directly on the documented event
         a = cfg.algorithm
         event = dp_accounting.SelfComposedDpEvent(
             dp_accounting.PoissonSampledDpEvent(
-                a.sampling_rate, dp_accounting.GaussianDpEvent(a.noise_multiplier)), 60)
+                a.sampling_rate, dp_accounting.GaussianDpEvent(a.noise_multiplier)
+            ),
+            60,
+        )
         acct = dp_accounting.rdp.RdpAccountant(accounting.RDP_ORDERS)
         acct.compose(event)
         want = acct.get_epsilon(cfg.privacy.delta)
@@ -49,25 +60,31 @@ class DemoTest(absltest.TestCase):
         params = experiment.load_params(os.path.join(out, "params.npz"))
         self.assertIn("Dense_0/kernel", params)
         self.assertEqual(params["Dense_0/kernel"].shape, (64, 32))
-        summary = json.load(open(os.path.join(out, "summary.json")))
+        summary = json.loads(_read(out, "summary.json"))
         self.assertEqual(summary["round"], 60)
 
     def test_same_seed_same_result(self):
         runs = []
         for _ in range(2):
-            cfg = experiment.load_config(DEMO, {"run.rounds": 3, "run.progress": False,
-                                                "data.num_clients": 120})
+            cfg = experiment.load_config(
+                DEMO, {"run.rounds": 3, "run.progress": False, "data.num_clients": 120}
+            )
             runs.append(experiment.run(cfg, write=False, log=lambda *_: None))
-        for a, b in zip(*(np.concatenate([np.ravel(x) for x in
-                                          __import__("jax").tree.leaves(r.params)]) for r in runs)):
+        for a, b in zip(
+            *(
+                np.concatenate([np.ravel(x) for x in __import__("jax").tree.leaves(r.params)])
+                for r in runs
+            )
+        ):
             self.assertEqual(a, b)
 
 
 class ConfigTest(parameterized.TestCase):
-
     def test_yaml_and_overrides(self):
-        cfg = experiment.load_config(ROOT / "experiments" / "digits_fedavg.yaml",
-                                     {"algorithm.client_lr": "0.05", "model.hidden": "[8, 8]"})
+        cfg = experiment.load_config(
+            ROOT / "experiments" / "digits_fedavg.yaml",
+            {"algorithm.client_lr": "0.05", "model.hidden": "[8, 8]"},
+        )
         self.assertEqual(cfg.algorithm.name, "fedavg")
         self.assertEqual(cfg.algorithm.client_lr, 0.05)
         self.assertEqual(cfg.model.hidden, [8, 8])
@@ -106,18 +123,29 @@ class ConfigTest(parameterized.TestCase):
         x = rng.normal(size=(400, 5)).astype(np.float32)
         y = (x[:, 0] > 0).astype(np.int32)
         np.savez(path, x=x, y=y, client_ids=np.arange(400) % 20)
-        cfg = experiment.load_config(None, {
-            "data.source": "npz", "data.path": path, "algorithm.cohort_size": 5,
-            "run.rounds": 20, "run.progress": False, "model.name": "logistic"})
+        cfg = experiment.load_config(
+            None,
+            {
+                "data.source": "npz",
+                "data.path": path,
+                "algorithm.cohort_size": 5,
+                "run.rounds": 20,
+                "run.progress": False,
+                "model.name": "logistic",
+            },
+        )
         result = experiment.run(cfg, write=False, log=lambda *_: None)
         self.assertGreater(result.final["test_accuracy"], 0.8)
 
 
 class CliTest(absltest.TestCase):
-
     def test_help_lists_every_option(self):
-        proc = subprocess.run([sys.executable, "-m", "fedjax_dp", "run", "--help"],
-                              capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "fedjax_dp", "run", "--help"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         for section in experiment.SECTIONS:
             sub = getattr(experiment.ExperimentConfig(), section)
             for name in sub.__dataclass_fields__:
@@ -125,24 +153,44 @@ class CliTest(absltest.TestCase):
 
     def test_run_with_overrides(self):
         out = _tmpdir(self)
-        code = cli.main(["run", str(DEMO), "--run.rounds", "2", "--run.eval_every", "1",
-                         "--run.output_dir", out, "--run.progress", "false",
-                         "--algorithm.noise_multiplier", "2.5"])
+        code = cli.main(
+            [
+                "run",
+                str(DEMO),
+                "--run.rounds",
+                "2",
+                "--run.eval_every",
+                "1",
+                "--run.output_dir",
+                out,
+                "--run.progress",
+                "false",
+                "--algorithm.noise_multiplier",
+                "2.5",
+            ]
+        )
         self.assertEqual(code, 0)
-        saved = json.load(open(os.path.join(out, "config.json")))
+        saved = json.loads(_read(out, "config.json"))
         self.assertEqual(saved["algorithm"]["noise_multiplier"], 2.5)
         self.assertEqual(saved["algorithm"]["name"], "dp_fedavg")  # from the file
-        self.assertLen(open(os.path.join(out, "metrics.jsonl")).readlines(), 2)
+        self.assertLen(_read(out, "metrics.jsonl").splitlines(), 2)
 
     def test_bad_input_is_one_clear_line(self):
         proc = subprocess.run(
             [sys.executable, "-m", "fedjax_dp", "run", str(DEMO), "--algorithm.name", "fedfoo"],
-            capture_output=True, text=True)
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         self.assertEqual(proc.returncode, 2)
         self.assertIn("unknown algorithm name 'fedfoo'", proc.stderr)
         self.assertNotIn("Traceback", proc.stderr)
-        proc = subprocess.run([sys.executable, "-m", "fedjax_dp", "run", "missing.toml"],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "fedjax_dp", "run", "missing.toml"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         self.assertEqual(proc.returncode, 2)
         self.assertIn("not found", proc.stderr)
 

@@ -21,7 +21,6 @@ def _sim(data, hidden=(5,), **kw):
 
 
 class RoundMatchesLoopTest(parameterized.TestCase):
-
     @parameterized.product(
         name=("fedavg", "dp_fedavg"),
         sampling=("fixed", "poisson"),
@@ -64,30 +63,43 @@ class RoundMatchesLoopTest(parameterized.TestCase):
         outs = []
         for c in (5, chunk):
             sim = _sim(data, name="dp_fedavg", clip_norm=0.1, noise_multiplier=0.5, chunk_size=c)
-            state, _ = sim.round_fn(sim.init(jax.random.key(0)), dev, sim.make_hparams(),
-                                    jax.random.key(1))
+            state, _ = sim.round_fn(
+                sim.init(jax.random.key(0)), dev, sim.make_hparams(), jax.random.key(1)
+            )
             outs.append(state.params)
         _testing.assert_trees_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
 
 
 class ClientUpdateTest(parameterized.TestCase):
-
     @parameterized.product(example_dp=(False, True), client_id=(0, 3))
     def test_client_update_equals_loop_over_steps_and_examples(self, example_dp, client_id):
         data = _testing.small_data()
         model = fedjax_dp.get_model("mlp", data.feature_shape, data.num_classes, hidden=(4,))
-        loss_fn = lambda p, x, y: fedjax_dp.cross_entropy(model.apply(p, x), y)  # noqa: E731
-        cu = fedjax_dp.build_client_update(loss_fn, max_count=data.max_count, batch_size=4,
-                                           local_epochs=2, example_dp=example_dp)
+        loss_fn = lambda p, x, y: fedjax_dp.cross_entropy(model.apply(p, x), y)
+        cu = fedjax_dp.build_client_update(
+            loss_fn, max_count=data.max_count, batch_size=4, local_epochs=2, example_dp=example_dp
+        )
         params = model.init(jax.random.key(0))
-        hp = {"client_lr": jnp.float32(0.5), "example_clip_norm": jnp.float32(0.3),
-              "example_noise_multiplier": jnp.float32(0.0)}
+        hp = {
+            "client_lr": jnp.float32(0.5),
+            "example_clip_norm": jnp.float32(0.3),
+            "example_noise_multiplier": jnp.float32(0.0),
+        }
         key = jax.random.key(7)
         dev = data.to_device()
         got, metrics = jax.jit(cu.update)(params, dev, jnp.int32(client_id), key, hp)
-        want = _testing.loop_client_sgd(loss_fn, params, dev, client_id, key,
-                                        max_count=data.max_count, batch_size=4, epochs=2,
-                                        lr=0.5, clip=0.3 if example_dp else None)
+        want = _testing.loop_client_sgd(
+            loss_fn,
+            params,
+            dev,
+            client_id,
+            key,
+            max_count=data.max_count,
+            batch_size=4,
+            epochs=2,
+            lr=0.5,
+            clip=0.3 if example_dp else None,
+        )
         _testing.assert_trees_close(got, want, rtol=1e-4, atol=1e-6)
         self.assertEqual(float(metrics["num_seen"]), 2 * int(data.counts[client_id]))
 
@@ -95,7 +107,7 @@ class ClientUpdateTest(parameterized.TestCase):
         """Neighbouring clients' rows set to NaN: a client's update stays finite and equal."""
         data = _testing.small_data()
         model = fedjax_dp.get_model("mlp", data.feature_shape, data.num_classes, hidden=(4,))
-        loss_fn = lambda p, x, y: fedjax_dp.cross_entropy(model.apply(p, x), y)  # noqa: E731
+        loss_fn = lambda p, x, y: fedjax_dp.cross_entropy(model.apply(p, x), y)
         cu = fedjax_dp.build_client_update(loss_fn, max_count=data.max_count, batch_size=4)
         params = model.init(jax.random.key(0))
         hp = {"client_lr": jnp.float32(0.5)}
@@ -108,8 +120,9 @@ class ClientUpdateTest(parameterized.TestCase):
         poisoned[:lo] = np.nan
         poisoned[hi:] = np.nan
         clean, _ = cu.update(params, data.to_device(), jnp.int32(cid), jax.random.key(1), hp)
-        dirty, _ = cu.update(params, data.replace(x=jnp.asarray(poisoned)), jnp.int32(cid),
-                             jax.random.key(1), hp)
+        dirty, _ = cu.update(
+            params, data.replace(x=jnp.asarray(poisoned)), jnp.int32(cid), jax.random.key(1), hp
+        )
         self.assertTrue(np.all(np.isfinite(_testing.tree_flat(dirty))))
         _testing.assert_trees_close(dirty, clean, rtol=0, atol=0)
 
@@ -117,8 +130,9 @@ class ClientUpdateTest(parameterized.TestCase):
         deltas = {"w": jnp.array([[1.0, 2.0], [jnp.nan, jnp.inf], [3.0, 4.0]])}
         mask = jnp.array([True, False, True])
         stage = fedjax_dp.clip_per_client()
-        clipped, _ = stage.update(deltas, stage.init(None), mask=mask,
-                                  hparams={"clip_norm": jnp.float32(100.0)})
+        clipped, _ = stage.update(
+            deltas, stage.init(None), mask=mask, hparams={"clip_norm": jnp.float32(100.0)}
+        )
         np.testing.assert_array_equal(np.asarray(clipped["w"][1]), [0.0, 0.0])
         total = round_lib._masked_weighted_sum(deltas["w"], mask.astype(jnp.float32), mask)
         np.testing.assert_allclose(np.asarray(total), [4.0, 6.0])
@@ -133,8 +147,14 @@ class NoiseTest(parameterized.TestCase):
     def test_user_level_noise_std(self):
         data = _testing.small_data(num_clients=20)
         sigma, clip, cohort = 1.3, 0.5, 4
-        sim = _sim(data, name="dp_fedavg", clip_norm=clip, noise_multiplier=sigma,
-                   cohort_size=cohort, hidden=(512,))
+        sim = _sim(
+            data,
+            name="dp_fedavg",
+            clip_norm=clip,
+            noise_multiplier=sigma,
+            cohort_size=cohort,
+            hidden=(512,),
+        )
         hp = sim.make_hparams(client_lr=0.0)  # deltas are 0: the model change IS the noise
         state = sim.init(jax.random.key(0))
         before = _testing.tree_flat(state.params)
@@ -149,14 +169,18 @@ class NoiseTest(parameterized.TestCase):
     def test_example_level_noise_std(self):
         data = _testing.small_data(num_clients=4, min_count=4, max_count=4)
         model = fedjax_dp.get_model("mlp", data.feature_shape, data.num_classes, hidden=(512,))
-        loss_fn = lambda p, x, y: fedjax_dp.cross_entropy(model.apply(p, x), y)  # noqa: E731
+        loss_fn = lambda p, x, y: fedjax_dp.cross_entropy(model.apply(p, x), y)
         batch = 4  # one step per epoch
-        cu = fedjax_dp.build_client_update(loss_fn, max_count=4, batch_size=batch,
-                                           local_epochs=1, example_dp=True)
+        cu = fedjax_dp.build_client_update(
+            loss_fn, max_count=4, batch_size=batch, local_epochs=1, example_dp=True
+        )
         params = model.init(jax.random.key(0))
         sigma, clip, lr = 2.0, 0.7, 1.0
-        hp = lambda s: {"client_lr": jnp.float32(lr), "example_clip_norm": jnp.float32(clip),  # noqa: E731
-                        "example_noise_multiplier": jnp.float32(s)}
+        hp = lambda s: {
+            "client_lr": jnp.float32(lr),
+            "example_clip_norm": jnp.float32(clip),
+            "example_noise_multiplier": jnp.float32(s),
+        }
         args = (params, data.to_device(), jnp.int32(2), jax.random.key(4))
         noisy, _ = cu.update(*args, hp(sigma))
         clean, _ = cu.update(*args, hp(0.0))
@@ -187,7 +211,6 @@ class NoiseTest(parameterized.TestCase):
 
 
 class CompileOnceTest(absltest.TestCase):
-
     def test_one_trace_across_rounds_and_hparams(self):
         data = _testing.small_data()
         traces = []
@@ -198,8 +221,9 @@ class CompileOnceTest(absltest.TestCase):
             return base_model.apply(params, x)
 
         model = base_model._replace(apply=counting_apply)
-        cfg = fedjax_dp.AlgorithmConfig(name="dp_fedavg", cohort_size=4, batch_size=4,
-                                        clip_norm=1.0, noise_multiplier=1.0)
+        cfg = fedjax_dp.AlgorithmConfig(
+            name="dp_fedavg", cohort_size=4, batch_size=4, clip_norm=1.0, noise_multiplier=1.0
+        )
         sim = fedjax_dp.build_simulation(cfg, model, data)
         dev = data.to_device()
         state = sim.init(jax.random.key(0))
@@ -223,12 +247,11 @@ class CompileOnceTest(absltest.TestCase):
         state = sim.init(jax.random.key(0))
         state, _ = sim.round_fn(state, dev, hp, key)  # compile outside the guard
         with jax.transfer_guard("disallow"):
-            state, m = sim.round_fn(state, dev, hp, key)
+            state, _m = sim.round_fn(state, dev, hp, key)
         self.assertEqual(int(state.round), 2)
 
 
 class ConfigErrorTest(parameterized.TestCase):
-
     @parameterized.parameters(
         (dict(name="dp_fedavg", noise_multiplier=-1.0), "noise_multiplier"),
         (dict(name="dp_fedavg", noise_multiplier=float("nan")), "noise_multiplier"),
@@ -261,8 +284,9 @@ class ConfigErrorTest(parameterized.TestCase):
         data = _testing.small_data()
         sim = _sim(data)
         with self.assertRaisesRegex(ValueError, "sensitivity is unbounded"):
-            fedjax_dp.build_round(sim.client, sim.sampler,
-                                  server_stages=[fedjax_dp.add_gaussian_noise()])
+            fedjax_dp.build_round(
+                sim.client, sim.sampler, server_stages=[fedjax_dp.add_gaussian_noise()]
+            )
 
     def test_model_data_mismatch(self):
         data = _testing.small_data()
@@ -272,7 +296,6 @@ class ConfigErrorTest(parameterized.TestCase):
 
 
 class AlgorithmsTest(parameterized.TestCase):
-
     @parameterized.parameters(*fedjax_dp.ALGORITHMS)
     def test_every_algorithm_lowers_the_loss(self, name):
         data = _testing.small_data(num_clients=10, num_classes=2)
@@ -303,11 +326,13 @@ class AlgorithmsTest(parameterized.TestCase):
         self.assertEqual(sim.client.num_steps, 1)
         self.assertEqual(sim.client.batch_size, data.max_count)
         params = sim.model.init(jax.random.key(0))
-        delta, _ = sim.client.update(params, data.to_device(), jnp.int32(2), jax.random.key(0),
-                                     sim.make_hparams())
+        delta, _ = sim.client.update(
+            params, data.to_device(), jnp.int32(2), jax.random.key(0), sim.make_hparams()
+        )
         x, y = data.client(2)
         grad = jax.grad(lambda p: jnp.mean(fedjax_dp.cross_entropy(sim.model.apply(p, x), y)))(
-            params)
+            params
+        )
         _testing.assert_trees_close(delta, jax.tree.map(jnp.negative, grad), rtol=1e-5)
 
     def test_resolve_is_idempotent(self):

@@ -9,7 +9,6 @@ from fedjax_dp import sampling
 
 
 class SamplingTest(parameterized.TestCase):
-
     def test_fixed_size_distinct_and_uniform(self):
         s = sampling.fixed_size(50, 10)
         sample = jax.jit(s.sample)
@@ -46,7 +45,7 @@ class SamplingTest(parameterized.TestCase):
 
     def test_poisson_overflow_is_reported(self):
         s = sampling.poisson(100, 0.5, max_cohort_size=10)
-        ids, mask, overflow = s.sample(jax.random.key(0))
+        _ids, mask, overflow = s.sample(jax.random.key(0))
         self.assertEqual(int(np.sum(np.asarray(mask))), 10)
         self.assertGreater(int(overflow), 20)
 

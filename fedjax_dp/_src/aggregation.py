@@ -69,6 +69,9 @@ def add_gaussian_noise(
         return jax.tree.map(jnp.add, total, noise), state
 
     return base.DPTransform(
-        lambda _: base.EmptyState(), update, sensitivity=clip_norm,
-        noise_multiplier=noise_multiplier, unit="user",
+        lambda _: base.EmptyState(),
+        update,
+        sensitivity=clip_norm,
+        noise_multiplier=noise_multiplier,
+        unit="user",
     )

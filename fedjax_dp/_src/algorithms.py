@@ -18,8 +18,12 @@ from fedjax_dp._src.round import Round, ServerState, build_round
 ALGORITHMS = ("fedavg", "fedsgd", "dp_fedavg", "dp_sgd_fedavg", "fedadam", "fedyogi", "fedadagrad")
 _SERVER_ALIASES = {"fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}
 NUMERIC_HPARAMS = (
-    "client_lr", "server_lr", "clip_norm", "noise_multiplier",
-    "example_clip_norm", "example_noise_multiplier",
+    "client_lr",
+    "server_lr",
+    "clip_norm",
+    "noise_multiplier",
+    "example_clip_norm",
+    "example_noise_multiplier",
 )
 
 
@@ -79,7 +83,11 @@ def resolve(config: AlgorithmConfig) -> AlgorithmConfig:
         c = dataclasses.replace(c, server_optimizer=_SERVER_ALIASES[c.name])
     if c.name == "fedsgd":
         c = dataclasses.replace(
-            c, local_epochs=1, local_steps=None, batch_size=None, client_optimizer="sgd",
+            c,
+            local_epochs=1,
+            local_steps=None,
+            batch_size=None,
+            client_optimizer="sgd",
             client_lr=1.0,
         )
     if c.name == "dp_fedavg":
@@ -147,9 +155,8 @@ def check_hparams(hparams: dict[str, Any]) -> None:
         elif name.endswith("clip_norm"):
             if not v > 0 or math.isinf(v):
                 raise ValueError(f"{name}={v} must be finite and > 0")
-        elif name.endswith("_lr"):
-            if v < 0 or math.isinf(v):
-                raise ValueError(f"{name}={v} must be finite and >= 0")
+        elif name.endswith("_lr") and (v < 0 or math.isinf(v)):
+            raise ValueError(f"{name}={v} must be finite and >= 0")
 
 
 def _optimizer(name: str, arg: str):
@@ -210,13 +217,23 @@ class Simulation:
         out = []
         for stage in base.dp_stages(self.round.server_stages):
             if stage.noise_multiplier:
-                out.append(accounting.RoundPrivacy(
-                    noise_multiplier=float(hparams[stage.noise_multiplier]), unit=stage.unit,
-                    compositions=1, **common))
+                out.append(
+                    accounting.RoundPrivacy(
+                        noise_multiplier=float(hparams[stage.noise_multiplier]),
+                        unit=stage.unit,
+                        compositions=1,
+                        **common,
+                    )
+                )
         if self.client.example_dp:
-            out.append(accounting.RoundPrivacy(
-                noise_multiplier=float(hparams["example_noise_multiplier"]), unit="example",
-                compositions=int(self.client.local_epochs), **common))
+            out.append(
+                accounting.RoundPrivacy(
+                    noise_multiplier=float(hparams["example_noise_multiplier"]),
+                    unit="example",
+                    compositions=int(self.client.local_epochs),
+                    **common,
+                )
+            )
         return out
 
 

@@ -112,18 +112,22 @@ def build_client_update(
 
     def mean_loss_and_grad(params, x, y, valid, key, hparams):
         del key, hparams
+
         def mean_loss(p):
             losses = loss_fn(p, x, y)
             total = jnp.sum(jnp.where(valid, losses, 0.0))
             return total / jnp.maximum(jnp.sum(valid), 1), total
+
         (_, loss_sum), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
         return grads, loss_sum
 
     def dp_sgd_grad(params, x, y, valid, key, hparams):
         clip = hparams["example_clip_norm"]
         sigma = hparams["example_noise_multiplier"]
+
         def one(p, x1, y1):
             return loss_fn(p, x1[None], y1[None])[0]
+
         losses, grads = jax.vmap(jax.value_and_grad(one), in_axes=(None, 0, 0))(params, x, y)
         norms = jax.vmap(base.tree_l2_norm)(grads)  # f32[B]
         scale = jnp.where(valid, jnp.minimum(1.0, clip / jnp.maximum(norms, 1e-12)), 0.0)
@@ -141,8 +145,13 @@ def build_client_update(
         offset = data.offsets[client_id]
         count = data.counts[client_id]
         idx, valid = _schedule(
-            order_key, count, max_count=max_count, num_steps=num_steps,
-            batch_size=batch_size, num_perms=num_perms, epoch_mode=local_epochs is not None,
+            order_key,
+            count,
+            max_count=max_count,
+            num_steps=num_steps,
+            batch_size=batch_size,
+            num_perms=num_perms,
+            epoch_mode=local_epochs is not None,
         )
         opt_state = opt.init(params)
         opt_state.hyperparams["learning_rate"] = jnp.asarray(hparams["client_lr"], jnp.float32)
@@ -153,17 +162,23 @@ def build_client_update(
             rows = offset + step_idx
             x = jnp.take(data.x, rows, axis=0, mode="clip")
             # Masked slots see zeros, so nothing from outside the client can leak into grads.
-            x = jnp.where(step_valid.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
+            x = jnp.where(
+                step_valid.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype)
+            )
             y = jnp.take(data.y, rows, axis=0, mode="clip")
             grads, loss_sum = grad_fn(p, x, y, step_valid, k, hparams)
             updates, new_o = opt.update(grads, o, p)
             new_p = optax.apply_updates(p, updates)
             any_valid = jnp.any(step_valid)
             return (base.tree_where(any_valid, new_p, p), base.tree_where(any_valid, new_o, o)), (
-                loss_sum, jnp.sum(step_valid))
+                loss_sum,
+                jnp.sum(step_valid),
+            )
 
         step_keys = jax.random.split(step_key, num_steps)
-        (final, _), (loss_sums, seen) = jax.lax.scan(step, (params, opt_state), (idx, valid, step_keys))
+        (final, _), (loss_sums, seen) = jax.lax.scan(
+            step, (params, opt_state), (idx, valid, step_keys)
+        )
         delta = jax.tree.map(jnp.subtract, final, params)
         metrics = {
             "loss_sum": jnp.sum(loss_sums),

@@ -131,9 +131,7 @@ def _labels_as_int(y: np.ndarray, name: str = "y") -> np.ndarray:
                 "pass integer labels in [0, num_classes)"
             )
         return y.astype(np.int64)
-    raise ValueError(
-        f"{name} has dtype {y.dtype}; pass integer class labels in [0, num_classes)"
-    )
+    raise ValueError(f"{name} has dtype {y.dtype}; pass integer class labels in [0, num_classes)")
 
 
 # ----------------------------------------------------------------------------- construction
@@ -482,8 +480,7 @@ def make_federated(
     Raises:
       ValueError: on invalid arguments (see :func:`partition` and :func:`from_arrays`).
     """
-    client_ids = partition(y, num_clients=num_clients, method=method, seed=seed,
-                           **partition_kwargs)
+    client_ids = partition(y, num_clients=num_clients, method=method, seed=seed, **partition_kwargs)
     return from_arrays(x, y, client_ids, num_classes=num_classes)
 
 

@@ -26,10 +26,10 @@ _SAMPLE, _CLIENTS, _SERVER = 0, 1, 2
 
 class ServerState(NamedTuple):
     params: base.Params
-    opt_state: Any                 # server optax state (inject_hyperparams)
-    client_tx_state: Any           # state of the per-client stages
-    server_tx_state: Any           # state of the server stages
-    round: jax.Array               # shape=(), dtype=int32: rounds completed
+    opt_state: Any  # server optax state (inject_hyperparams)
+    client_tx_state: Any  # state of the per-client stages
+    server_tx_state: Any  # state of the server stages
+    round: jax.Array  # shape=(), dtype=int32: rounds completed
 
 
 class Round(NamedTuple):
@@ -143,7 +143,10 @@ def build_round(
         (total, weight_sum, loss_sum, seen_sum, tx_state), _ = jax.lax.scan(chunk, init_carry, xs)
 
         total, server_tx_state = server_tx.update(
-            total, state.server_tx_state, key=jax.random.fold_in(key, _SERVER), mask=None,
+            total,
+            state.server_tx_state,
+            key=jax.random.fold_in(key, _SERVER),
+            mask=None,
             hparams=hparams,
         )
         if denominator == "expected":

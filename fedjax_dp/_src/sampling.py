@@ -54,7 +54,9 @@ def fixed_size(num_clients: int, cohort_size: int) -> CohortSampler:
     )
 
 
-def poisson(num_clients: int, sampling_rate: float, max_cohort_size: int | None = None) -> CohortSampler:
+def poisson(
+    num_clients: int, sampling_rate: float, max_cohort_size: int | None = None
+) -> CohortSampler:
     """Includes each client independently with probability ``sampling_rate``.
 
     The cohort is padded to the static ``max_cohort_size`` (default: mean + 8 standard
@@ -81,7 +83,9 @@ def poisson(num_clients: int, sampling_rate: float, max_cohort_size: int | None 
         overflow = jnp.sum(u < q, dtype=jnp.int32) - jnp.sum(mask, dtype=jnp.int32)
         return ids.astype(jnp.int32), mask, overflow
 
-    return CohortSampler(sample, int(max_cohort_size), float(mean), "poisson", num_clients, float(q))
+    return CohortSampler(
+        sample, int(max_cohort_size), float(mean), "poisson", num_clients, float(q)
+    )
 
 
 def _check_population(num_clients):
