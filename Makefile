@@ -25,7 +25,12 @@ demo: $(STAMP)
 	$(VENV)/bin/fedjax-dp run experiments/digits_dp_fedavg.toml
 
 test: $(DEV_STAMP)
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 tests --ignore=tests/multidevice
+	$(MAKE) --no-print-directory test-multidevice
+
+# Own process: the flag must be set before JAX initialises.
+test-multidevice: $(DEV_STAMP)
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q tests/multidevice
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check fedjax_dp tests benchmarks experiments

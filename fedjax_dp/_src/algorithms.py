@@ -237,7 +237,9 @@ class Simulation:
         return out
 
 
-def build_simulation(config: AlgorithmConfig, model: Model, data) -> Simulation:
+def build_simulation(
+    config: AlgorithmConfig, model: Model, data, *, mesh: jax.sharding.Mesh | None = None
+) -> Simulation:
     """Builds the jitted round of ``config`` for ``model`` on the federated ``data``.
 
     Args:
@@ -245,6 +247,7 @@ def build_simulation(config: AlgorithmConfig, model: Model, data) -> Simulation:
       model: a :class:`fedjax_dp.models.Model`.
       data: the training :class:`fedjax_dp.data.FederatedData` (only its static facts are
         used here: population size, largest client, feature shape, classes).
+      mesh: optional mesh with an axis ``"clients"`` to shard the cohort over devices.
     """
     config = resolve(config)
     if tuple(data.feature_shape) != tuple(model.input_shape):
@@ -287,5 +290,6 @@ def build_simulation(config: AlgorithmConfig, model: Model, data) -> Simulation:
         weighting=config.weighting,
         denominator="expected" if config.user_dp else "mean",
         chunk_size=config.chunk_size,
+        mesh=mesh,
     )
     return Simulation(config, model, client, sampler, rnd)

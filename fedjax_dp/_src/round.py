@@ -59,6 +59,7 @@ def build_round(
     weighting: str = "uniform",
     denominator: str = "mean",
     chunk_size: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
     jit: bool = True,
 ) -> Round:
     """Builds a federated round.
@@ -76,6 +77,10 @@ def build_round(
         size (DP-FedAvg's fixed denominator).
       chunk_size: clients processed together (``vmap``); chunks run one after another
         (``lax.scan``) so memory is O(chunk_size x model). Default: the whole cohort up to 64.
+      mesh: optional device mesh with an axis ``"clients"``: the cohort is split over it
+        (``jax.shard_map``); each device scans over its own chunks and the linear aggregates
+        are reduced with ``psum``. Parameters and data are replicated. Results equal the
+        single-device round up to float summation order. Client stages must be stateless.
       jit: return ``round_fn`` compiled with ``jax.jit`` (state donated).
 
     Hyper-parameters read from ``hparams``: ``server_lr`` plus whatever the client update and
@@ -91,8 +96,15 @@ def build_round(
         chunk_size = min(cohort, 64)
     if int(chunk_size) != chunk_size or chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
-    chunk_size = min(int(chunk_size), cohort)
-    num_chunks = -(-cohort // chunk_size)
+    num_devices = 1
+    if mesh is not None:
+        if "clients" not in mesh.axis_names:
+            raise ValueError(f"mesh axes {mesh.axis_names} lack the axis 'clients'")
+        num_devices = int(mesh.shape["clients"])
+    per_device = -(-cohort // num_devices)
+    chunk_size = min(int(chunk_size), per_device)
+    local_chunks = -(-per_device // chunk_size)
+    num_chunks = local_chunks * num_devices
     padded = num_chunks * chunk_size
     client_tx = base.chain(*client_stages)
     server_tx = base.chain(*server_stages)
@@ -110,12 +122,8 @@ def build_round(
             round=jnp.zeros((), jnp.int32),
         )
 
-    def round_fn(state: ServerState, data, hparams, key):
-        params = state.params
-        ids, mask, overflow = sampler.sample(jax.random.fold_in(key, _SAMPLE))
-        ids = jnp.pad(ids, (0, padded - cohort))
-        mask = jnp.pad(mask, (0, padded - cohort))
-        clients_key = jax.random.fold_in(key, _CLIENTS)
+    def _scan_chunks(ids, mask, tx_state, params, data, hparams, clients_key):
+        """Clients ``ids[n * chunk_size]`` in chunks: vmapped updates, client stages, sums."""
 
         def chunk(carry, xs):
             total, weight_sum, loss_sum, seen_sum, tx_state = carry
@@ -134,13 +142,47 @@ def build_round(
             total = jax.tree.map(lambda t, d: t + _masked_weighted_sum(d, w, cmask), total, deltas)
             loss_sum = loss_sum + jnp.sum(jnp.where(cmask, cm["loss_sum"], 0.0))
             seen_sum = seen_sum + jnp.sum(jnp.where(cmask, cm["num_seen"], 0.0))
-            carry = (total, weight_sum + jnp.sum(w), loss_sum, seen_sum, tx_state)
-            return carry, None
+            return (total, weight_sum + jnp.sum(w), loss_sum, seen_sum, tx_state), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        init_carry = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), state.client_tx_state)
-        xs = (ids.reshape(num_chunks, chunk_size), mask.reshape(num_chunks, chunk_size))
-        (total, weight_sum, loss_sum, seen_sum, tx_state), _ = jax.lax.scan(chunk, init_carry, xs)
+        init_carry = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), tx_state)
+        n = ids.shape[0] // chunk_size
+        xs = (ids.reshape(n, chunk_size), mask.reshape(n, chunk_size))
+        carry, _ = jax.lax.scan(chunk, init_carry, xs)
+        return carry
+
+    def round_fn(state: ServerState, data, hparams, key):
+        params = state.params
+        ids, mask, overflow = sampler.sample(jax.random.fold_in(key, _SAMPLE))
+        ids = jnp.pad(ids, (0, padded - cohort))
+        mask = jnp.pad(mask, (0, padded - cohort))
+        clients_key = jax.random.fold_in(key, _CLIENTS)
+        if mesh is None:
+            total, weight_sum, loss_sum, seen_sum, tx_state = _scan_chunks(
+                ids, mask, state.client_tx_state, params, data, hparams, clients_key
+            )
+        else:
+            if jax.tree.leaves(state.client_tx_state):
+                raise ValueError("client stages with state cannot be sharded over a mesh yet")
+
+            def per_device(ids, mask, params, data, hparams, clients_key):
+                *sums, _ = _scan_chunks(
+                    ids, mask, state.client_tx_state, params, data, hparams, clients_key
+                )
+                return jax.lax.psum(tuple(sums), "clients")
+
+            spec, rep = jax.sharding.PartitionSpec("clients"), jax.sharding.PartitionSpec()
+            ids, mask = _place(ids, mesh, spec), _place(mask, mesh, spec)
+            total, weight_sum, loss_sum, seen_sum = jax.shard_map(
+                per_device,
+                mesh=mesh,
+                in_specs=(spec, spec, rep, rep, rep, rep),
+                out_specs=rep,
+                # Replicated params flow into per-device scans; the psum makes outputs
+                # replicated, which the varying-axes type check cannot see through scan.
+                check_vma=False,
+            )(ids, mask, params, data, hparams, clients_key)
+            tx_state = state.client_tx_state
 
         total, server_tx_state = server_tx.update(
             total,
@@ -170,6 +212,14 @@ def build_round(
 
     fn = jax.jit(round_fn, donate_argnums=0) if jit else round_fn
     return Round(init, fn, tuple(client_stages), tuple(server_stages))
+
+
+def _place(x: jax.Array, mesh: jax.sharding.Mesh, spec) -> jax.Array:
+    """Shards ``x`` over ``mesh`` inside jit, for Explicit and Auto mesh axes alike."""
+    sharding = jax.sharding.NamedSharding(mesh, spec)
+    if mesh.axis_types[mesh.axis_names.index("clients")] == jax.sharding.AxisType.Explicit:
+        return jax.reshard(x, sharding)
+    return jax.lax.with_sharding_constraint(x, sharding)
 
 
 def _masked_weighted_sum(d: jax.Array, w: jax.Array, mask: jax.Array) -> jax.Array:

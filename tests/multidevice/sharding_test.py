@@ -1,0 +1,60 @@
+"""The cohort sharded over 8 devices equals the single-device round."""
+
+import jax
+import numpy as np
+from absl.testing import absltest, parameterized
+
+import fedjax_dp
+from tests import _testing
+
+
+class ShardedRoundTest(parameterized.TestCase):
+    def setUp(self):
+        super().setUp()
+        if jax.device_count() < 8:
+            self.skipTest("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+
+    @parameterized.parameters(
+        ("fedavg", 13, 8),  # 13 clients over 8 devices: padded, uneven shards
+        ("dp_fedavg", 8, 8),
+        ("dp_sgd_fedavg", 13, 8),
+        ("dp_fedavg", 13, 2),
+    )
+    def test_sharded_equals_single_device(self, name, cohort, devices):
+        data = _testing.small_data(num_clients=20)
+        model = fedjax_dp.get_model("mlp", data.feature_shape, data.num_classes, hidden=(5,))
+        kw = dict(name=name, cohort_size=cohort, batch_size=3, client_lr=0.3, chunk_size=2)
+        if name == "dp_fedavg":
+            kw.update(clip_norm=0.1, noise_multiplier=0.7)
+        if name == "dp_sgd_fedavg":
+            kw.update(example_clip_norm=0.5, example_noise_multiplier=0.7)
+        config = fedjax_dp.AlgorithmConfig(**kw)
+        mesh = jax.make_mesh((devices,), ("clients",), devices=jax.devices()[:devices])
+        single = fedjax_dp.build_simulation(config, model, data)
+        sharded = fedjax_dp.build_simulation(config, model, data, mesh=mesh)
+        dev = data.to_device()
+        hp = single.make_hparams()
+        outs = []
+        for sim in (single, sharded):
+            state = sim.init(jax.random.key(0))
+            for r in range(2):
+                state, metrics = sim.round_fn(state, dev, hp, jax.random.key(r))
+            outs.append((state.params, metrics))
+        _testing.assert_trees_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            float(outs[0][1]["train_loss"]), float(outs[1][1]["train_loss"]), rtol=1e-5
+        )
+        self.assertEqual(int(outs[1][1]["num_clients"]), cohort)
+
+    def test_mesh_without_clients_axis(self):
+        data = _testing.small_data()
+        model = fedjax_dp.get_model("mlp", data.feature_shape, data.num_classes)
+        mesh = jax.make_mesh((8,), ("batch",))
+        with self.assertRaisesRegex(ValueError, "clients"):
+            fedjax_dp.build_simulation(
+                fedjax_dp.AlgorithmConfig(cohort_size=4), model, data, mesh=mesh
+            )
+
+
+if __name__ == "__main__":
+    absltest.main()
