@@ -338,7 +338,7 @@ def _time_opacus(model_name: str, setup, rounds: int) -> dict:
     x_all = torch.from_numpy(np.ascontiguousarray(np.moveaxis(data.x, -1, 1)))  # NCHW
     y_all = torch.from_numpy(data.y.astype(np.int64))
     offsets, counts = np.asarray(data.offsets), np.asarray(data.counts)
-    module = opacus.GradSampleModule(_torch_model(model_name))
+    module = opacus.GradSampleModule(_torch_model(model_name), loss_reduction="sum")
     params = list(module.parameters())
     global_params = [p.detach().clone() for p in params]
     rng = np.random.default_rng(ROUND_SEED)
@@ -475,36 +475,34 @@ def check_engine_vs_loop(model_name: str, cohort: int, chunk_size: int) -> dict:
 
 
 def diagnose(model_name: str, reps: int) -> dict:
-    """Milliseconds per client of the pieces of a DP-SGD client update, side by side."""
+    """Milliseconds per client of the pieces of a DP-SGD client update, side by side.
+
+    The ``S x`` pieces are one jitted call for one step, times S (so they include S dispatches);
+    the others are one jitted call for the whole client. The pieces are timed round-robin, ``reps`` times each, so that they share the same
+    background load; the median is reported.
+    """
     import jax
     import jax.numpy as jnp
 
     import fedjax_dp
 
-    def timeit(f, *args):
-        jax.block_until_ready(f(*args))
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(*args))
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e3
-
     _, dev, model, sim, hp = _setup(model_name, 64, 16)
     params = model.init(jax.random.key(INIT_SEED))
     key = jax.random.key(ROUND_SEED)
-
-    def loss_fn(p, x, y):
-        return fedjax_dp.cross_entropy(model.apply(p, x), y)
-
-    nodp = fedjax_dp.build_client_update(
-        loss_fn, max_count=EXAMPLES_PER_CLIENT, batch_size=BATCH_SIZE, local_epochs=LOCAL_EPOCHS
-    )
     steps = sim.client.num_steps
     x = dev.x[: steps * BATCH_SIZE].reshape((steps, BATCH_SIZE, *FEATURE_SHAPE))
     y = dev.y[: steps * BATCH_SIZE].reshape((steps, BATCH_SIZE))
 
-    def per_example_clipped_sum(p, xb, yb):
+    def loss_fn(p, xb, yb):
+        return fedjax_dp.cross_entropy(model.apply(p, xb), yb)
+
+    nodp = fedjax_dp.build_client_update(
+        loss_fn, max_count=EXAMPLES_PER_CLIENT, batch_size=BATCH_SIZE, local_epochs=LOCAL_EPOCHS
+    )
+
+    def clipped_sum(p, xb, yb):
+        """Per-example gradients (vmap of grad), clipped, summed: the engine's DP-SGD core."""
+
         def one(p, x1, y1):
             return loss_fn(p, x1[None], y1[None])[0]
 
@@ -521,45 +519,70 @@ def diagnose(model_name: str, reps: int) -> dict:
             treedef, [jax.random.normal(kk, v.shape, v.dtype) for kk, v in zip(ks, leaves)]
         )
 
+    def batch_grad(p, xb, yb):
+        return jax.grad(lambda p: jnp.mean(loss_fn(p, xb, yb)))(p)
+
     def sgd_step(p, xb, yb):
-        g = jax.grad(lambda p: jnp.mean(loss_fn(p, xb, yb)))(p)
-        return jax.tree.map(lambda a, b: a - CLIENT_LR * b, p, g)
+        return jax.tree.map(lambda a, b: a - CLIENT_LR * b, p, batch_grad(p, xb, yb))
 
-    def sgd_scan(p, xs, ys):
-        return jax.lax.scan(lambda p, xy: (sgd_step(p, *xy), None), p, (xs, ys))[0]
+    def dp_step(p, xb, yb):  # DP-SGD step without the noise
+        return jax.tree.map(lambda a, b: a - CLIENT_LR * b / BATCH_SIZE, p, clipped_sum(p, xb, yb))
 
-    def sgd_unrolled(p, xs, ys):
-        for s in range(steps):
-            p = sgd_step(p, xs[s], ys[s])
-        return p
+    def scanned(step):
+        return lambda p, xs, ys: jax.lax.scan(lambda p, xy: (step(p, *xy), None), p, (xs, ys))[0]
+
+    def unrolled(step):
+        def run(p, xs, ys):
+            for s in range(steps):
+                p = step(p, xs[s], ys[s])
+            return p
+
+        return run
 
     clients = jnp.arange(16, dtype=jnp.int32)
     ckeys = jax.random.split(key, 16)
-    vmapped = jax.jit(jax.vmap(sim.client.update, in_axes=(None, None, 0, 0, None)))
     cid = jnp.int32(3)
-    rows = {
-        "client_update_dp (1 client, jit)": timeit(
-            jax.jit(sim.client.update), params, dev, cid, key, hp
+    vmapped = jax.vmap(sim.client.update, in_axes=(None, None, 0, 0, None))
+    b = f"B={BATCH_SIZE}"
+    pieces = {  # name -> (function, args, clients per call; 1/S: one step of S)
+        "client update, DP-SGD (1 client)": (sim.client.update, (params, dev, cid, key, hp), 1),
+        "client update, DP-SGD (vmap over 16 clients)": (
+            vmapped,
+            (params, dev, clients, ckeys, hp),
+            16,
         ),
-        "client_update_dp (vmap 16 clients, per client)": timeit(
-            vmapped, params, dev, clients, ckeys, hp
-        )
-        / 16,
-        "client_update_non_dp (1 client, jit)": timeit(
-            jax.jit(nodp.update), params, dev, cid, key, hp
+        "client update, no DP (1 client)": (nodp.update, (params, dev, cid, key, hp), 1),
+        f"{steps} x per-example grads + clip + sum ({b})": (
+            clipped_sum,
+            (params, x[0], y[0]),
+            1 / steps,
         ),
-        f"{steps} x per-example grads + clip + sum (B={BATCH_SIZE})": steps
-        * timeit(jax.jit(per_example_clipped_sum), params, x[0], y[0]),
-        f"{steps} x gaussian noise of the params' shape": steps
-        * timeit(jax.jit(noise), key, params),
-        f"{steps} x batch gradient (B={BATCH_SIZE}, no DP)": steps
-        * timeit(
-            jax.jit(jax.grad(lambda p, xb, yb: jnp.mean(loss_fn(p, xb, yb)))), params, x[0], y[0]
+        f"{steps} x gaussian noise of the params' shape": (noise, (key, params), 1 / steps),
+        f"{steps} x batch gradient ({b}, no DP)": (batch_grad, (params, x[0], y[0]), 1 / steps),
+        f"{steps} SGD steps ({b}) in lax.scan": (scanned(sgd_step), (params, x, y), 1),
+        f"{steps} SGD steps ({b}) unrolled": (unrolled(sgd_step), (params, x, y), 1),
+        f"{steps} DP-SGD steps without noise ({b}) in lax.scan": (
+            scanned(dp_step),
+            (params, x, y),
+            1,
         ),
-        f"{steps} SGD steps (B={BATCH_SIZE}) in lax.scan": timeit(jax.jit(sgd_scan), params, x, y),
-        f"{steps} SGD steps (B={BATCH_SIZE}) unrolled": timeit(jax.jit(sgd_unrolled), params, x, y),
+        f"{steps} DP-SGD steps without noise ({b}) unrolled": (
+            unrolled(dp_step),
+            (params, x, y),
+            1,
+        ),
     }
-    return {"model": model_name, "ms_per_client": rows}
+    jitted = {name: (jax.jit(f), a, n) for name, (f, a, n) in pieces.items()}
+    for f, a, _ in jitted.values():
+        jax.block_until_ready(f(*a))
+    times = {name: [] for name in jitted}
+    for _ in range(reps):
+        for name, (f, a, _) in jitted.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*a))
+            times[name].append(time.perf_counter() - t0)
+    rows = {name: 1e3 * statistics.median(times[name]) / jitted[name][2] for name in jitted}
+    return {"model": model_name, "reps": reps, "ms_per_client": rows}
 
 
 # ---------------------------------------------------------------------------- orchestration
@@ -643,7 +666,7 @@ def table(rows: list[dict]) -> str:
             why = r.get("skipped") or r.get("error", "failed")
             out.append(
                 f"| {r['model']} | {r['cohort']} | {r['method']} | {_fmt(r.get('chunk_size'))} "
-                f"| {why.splitlines()[0][:80]} |" + " |" * 9
+                f"| {why.splitlines()[0][:80]} |" + " |" * 8
             )
             continue
         ratio = "-"
@@ -692,6 +715,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-check", action="store_true", help="skip the engine-vs-loop check")
     p.add_argument("--quick", action="store_true", help="smoke test: mlp, C=16, 2 rounds")
     p.add_argument("--diagnose", action="store_true", help="time the pieces of a client update")
+    p.add_argument("--diagnose-reps", type=int, default=20, help="timings per piece (--diagnose)")
     # Internal modes, run in subprocesses.
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--check-one", action="store_true", help=argparse.SUPPRESS)
@@ -708,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(check_engine_vs_loop(args.models[0], args.cohorts[0], args.chunk_size[0])))
         return 0
     if args.diagnose:
-        results = [diagnose(m, max(args.rounds, 5)) for m in args.models]
+        results = [diagnose(m, args.diagnose_reps) for m in args.models]
         lines = ["| model | piece | ms per client |", "|---|---|---|"]
         for res in results:
             for name, ms in res["ms_per_client"].items():
