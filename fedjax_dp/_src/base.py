@@ -108,19 +108,6 @@ def tree_l2_norm(tree: PyTree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
-def tree_zeros_like(tree: PyTree) -> PyTree:
-    return jax.tree.map(jnp.zeros_like, tree)
-
-
-def tree_add(a: PyTree, b: PyTree) -> PyTree:
-    return jax.tree.map(jnp.add, a, b)
-
-
-def tree_scale(tree: PyTree, scalar: jax.Array) -> PyTree:
-    """``tree * scalar`` with float32 math, cast back to each leaf's dtype."""
-    return jax.tree.map(lambda x: (x.astype(jnp.float32) * scalar).astype(x.dtype), tree)
-
-
 def tree_where(cond: jax.Array, a: PyTree, b: PyTree) -> PyTree:
     """Selects ``a`` where the scalar ``cond`` is true, else ``b`` (leaf by leaf)."""
     return jax.tree.map(lambda x, y: jnp.where(cond, x, y), a, b)
