@@ -87,7 +87,9 @@ _ALGO_HELP = {
     "noise_multiplier": "user-level DP: noise std / clip_norm on the summed deltas",
     "example_clip_norm": "example-level DP-SGD: per-example gradient clip norm",
     "example_noise_multiplier": "example-level DP-SGD: noise std / example_clip_norm per step",
-    "chunk_size": "clients vmapped together; chunks run in sequence (memory bound)",
+    "chunk_size": "clients vmapped together; chunks run in sequence (0 = auto from the budget)",
+    "memory_budget_mb": "working memory for the auto chunk size (0 = 16 MiB on CPU, 1/4 of GPU)",
+    "clipping": "DP-SGD per-example clipping: auto | ghost (fast, Flax Dense/Conv) | per_example",
 }
 
 
@@ -285,6 +287,8 @@ def algorithm_config(cfg: ExperimentConfig) -> AlgorithmConfig:
         local_epochs=a.local_epochs or None,
         local_steps=a.local_steps or None,
         batch_size=a.batch_size or None,
+        chunk_size=a.chunk_size or None,
+        memory_budget_mb=a.memory_budget_mb or None,
     )
 
 

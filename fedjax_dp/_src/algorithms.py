@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_dp._src import aggregation, base, sampling
+from fedjax_dp._src import aggregation, base, memory, sampling
+from fedjax_dp._src import clipping as clipping_lib
 from fedjax_dp._src.client import ClientUpdate, build_client_update
 from fedjax_dp._src.models import Model, cross_entropy
 from fedjax_dp._src.round import Round, ServerState, build_round
@@ -52,6 +53,8 @@ class AlgorithmConfig:
     example_clip_norm: float | None = None
     example_noise_multiplier: float | None = None
     chunk_size: int | None = None
+    memory_budget_mb: float | None = None
+    clipping: str = "auto"
 
     @property
     def user_dp(self) -> bool:
@@ -125,6 +128,10 @@ def resolve(config: AlgorithmConfig) -> AlgorithmConfig:
         raise ValueError("sampling='poisson' needs sampling_rate (the inclusion probability q)")
     if c.sampling == "fixed" and c.cohort_size is None:
         raise ValueError("sampling='fixed' needs cohort_size")
+    if c.memory_budget_mb is not None and not c.memory_budget_mb > 0:
+        raise ValueError(f"memory_budget_mb={c.memory_budget_mb!r} must be positive (MiB)")
+    if c.clipping not in clipping_lib.METHODS:
+        raise ValueError(f"clipping={c.clipping!r} must be one of {list(clipping_lib.METHODS)}")
     _optimizer(c.client_optimizer, "client_optimizer")
     _optimizer(c.server_optimizer, "server_optimizer")
     check_hparams(hparams_of(c))
@@ -237,6 +244,31 @@ class Simulation:
         return out
 
 
+def _auto_chunk(config, model, data, loss_fn, batch_size, mesh) -> int:
+    """Chunk size from the memory budget (see :mod:`fedjax_dp._src.memory`)."""
+    params = jax.eval_shape(model.init, jax.random.key(0))
+    x = jax.ShapeDtypeStruct((batch_size, *data.feature_shape), data.x.dtype)
+    y = jax.ShapeDtypeStruct((batch_size,), data.y.dtype)
+    per_example = config.example_dp and (
+        config.clipping == "per_example"
+        or isinstance(clipping_lib.discover_layers(loss_fn, params, x, y), str)
+    )
+    cohort = config.cohort_size
+    if config.sampling == "poisson":
+        cohort = sampling.poisson(data.num_clients, config.sampling_rate).cohort_size
+    budget = None if config.memory_budget_mb is None else int(config.memory_budget_mb * 2**20)
+    return memory.auto_chunk_size(
+        cohort,
+        loss_fn,
+        params,
+        x,
+        y,
+        per_example_grads=per_example,
+        budget_bytes=budget,
+        num_devices=1 if mesh is None else int(dict(mesh.shape).get("clients", 1)),
+    )
+
+
 def build_simulation(
     config: AlgorithmConfig, model: Model, data, *, mesh: jax.sharding.Mesh | None = None
 ) -> Simulation:
@@ -276,7 +308,12 @@ def build_simulation(
         local_epochs=config.local_epochs,
         local_steps=config.local_steps,
         example_dp=config.example_dp,
+        clipping_method=config.clipping,
     )
+    if config.chunk_size is None:
+        config = dataclasses.replace(
+            config, chunk_size=_auto_chunk(config, model, data, loss_fn, batch_size, mesh)
+        )
     client_stages, server_stages = [], []
     if config.user_dp:
         client_stages.append(aggregation.clip_per_client("clip_norm"))

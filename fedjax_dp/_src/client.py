@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_dp._src import base
+from fedjax_dp._src import base, clipping
 
 LossFn = Callable[[base.Params, jax.Array, jax.Array], jax.Array]
 """``(params, x[B, *feature], y[B]) -> per-example losses f32[B]``."""
@@ -51,6 +51,8 @@ def build_client_update(
     local_epochs: int | None = 1,
     local_steps: int | None = None,
     example_dp: bool = False,
+    clipping_method: str = "auto",
+    unroll: int | bool | None = None,
     optimizer_kwargs: dict[str, Any] | None = None,
 ) -> ClientUpdate:
     """Builds the update of one client.
@@ -82,6 +84,12 @@ def build_client_update(
       local_epochs: passes over the client's data (exclusive with ``local_steps``).
       local_steps: fixed number of local steps (exclusive with ``local_epochs``).
       example_dp: run DP-SGD inside the client.
+      clipping_method: how DP-SGD computes the clipped gradient sum: ``"auto"`` (ghost
+        clipping when the model qualifies, else per-example gradients), ``"ghost"`` or
+        ``"per_example"`` (the reference); see :mod:`fedjax_dp._src.clipping`. Same result.
+      unroll: ``unroll`` of the ``lax.scan`` over local steps. Default: fully unrolled up to
+        16 steps (XLA optimises straight-line steps better, notably convolutions on CPU),
+        a rolled loop beyond.
       optimizer_kwargs: further static keyword arguments of ``optimizer``.
 
     Returns:
@@ -102,12 +110,16 @@ def build_client_update(
             "example-level DP needs local_epochs (each example used a known number of times "
             "per round); set local_epochs instead of local_steps"
         )
+    if clipping_method not in clipping.METHODS:
+        raise ValueError(f"clipping_method={clipping_method!r} must be one of {clipping.METHODS}")
     batch_size = int(batch_size)
     if local_epochs is not None:
         num_steps = math.ceil(int(local_epochs) * max_count / batch_size)
         num_perms = int(local_epochs)
     else:
         num_steps, num_perms = int(local_steps), 1
+    if unroll is None:
+        unroll = num_steps <= 16
     opt = optax.inject_hyperparams(optimizer)(learning_rate=0.0, **(optimizer_kwargs or {}))
 
     def mean_loss_and_grad(params, x, y, valid, key, hparams):
@@ -125,17 +137,13 @@ def build_client_update(
         clip = hparams["example_clip_norm"]
         sigma = hparams["example_noise_multiplier"]
 
-        def one(p, x1, y1):
-            return loss_fn(p, x1[None], y1[None])[0]
-
-        losses, grads = jax.vmap(jax.value_and_grad(one), in_axes=(None, 0, 0))(params, x, y)
-        norms = jax.vmap(base.tree_l2_norm)(grads)  # f32[B]
-        scale = jnp.where(valid, jnp.minimum(1.0, clip / jnp.maximum(norms, 1e-12)), 0.0)
-        summed = jax.tree.map(
-            lambda g: jnp.tensordot(scale, g.astype(jnp.float32), axes=1).astype(g.dtype), grads
+        summed, losses, _ = clipping.clipped_grad_sum(
+            loss_fn, params, x, y, valid, clip, method=clipping_method
         )
         noise = base.gaussian_like(key, summed, sigma * clip)
-        noisy = jax.tree.map(lambda s, n: (s + n) / batch_size, summed, noise)
+        noisy = jax.tree.map(
+            lambda s, n, p: ((s + n) / batch_size).astype(p.dtype), summed, noise, params
+        )
         return noisy, jnp.sum(jnp.where(valid, losses, 0.0))
 
     grad_fn = dp_sgd_grad if example_dp else mean_loss_and_grad
@@ -177,7 +185,7 @@ def build_client_update(
 
         step_keys = jax.random.split(step_key, num_steps)
         (final, _), (loss_sums, seen) = jax.lax.scan(
-            step, (params, opt_state), (idx, valid, step_keys)
+            step, (params, opt_state), (idx, valid, step_keys), unroll=unroll
         )
         delta = jax.tree.map(jnp.subtract, final, params)
         metrics = {

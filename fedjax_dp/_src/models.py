@@ -6,6 +6,7 @@ Any Flax (linen or nnx, through ``nnx.split``) or plain JAX model plugs in by wr
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -57,6 +58,96 @@ class MLP(nn.Module):
         return nn.Dense(self.num_classes)(x)
 
 
+class PatchConv(nn.Conv):
+    """``nn.Conv`` computed as image patches times the reshaped kernel (same parameters).
+
+    Numerically the same layer as ``nn.Conv`` (same parameter names, shapes and
+    initialisation), but under ``vmap`` over clients, each with its own kernel, it becomes a
+    batched matrix product, where ``nn.Conv`` becomes a grouped convolution that XLA runs
+    about 1.8x slower on CPU (measured on R1-cnn's shapes). Falls back to ``nn.Conv`` for
+    configurations :func:`conv_patches` does not handle.
+    """
+
+    @nn.compact
+    def __call__(self, inputs):
+        patches = conv_patches(self, inputs)
+        if patches is None:
+            return super().__call__(inputs)
+        kernel_shape = (*self.kernel_size, inputs.shape[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
+        y = jnp.dot(
+            patches.astype(self.dtype or patches.dtype),
+            kernel.reshape(-1, self.features),
+            precision=self.precision,
+        )
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            y = y + bias
+        return y
+
+
+def conv_patches(module: nn.Conv, a):
+    """Image patches ``[B, *spatial_out, K]`` that ``module`` (an ``nn.Conv``) multiplies.
+
+    ``K = prod(kernel_size) * C_in`` in the order of ``kernel.reshape(-1, features)``, so
+    ``conv(x) == conv_patches(conv, x) @ kernel.reshape(-1, features) (+ bias)``. Returns
+    None for what it does not handle (feature groups, input dilation, circular/causal
+    padding, unbatched inputs).
+    """
+    kernel_size = tuple(module.kernel_size)
+    nd = len(kernel_size)
+    if a.ndim != nd + 2 or module.feature_group_count != 1:
+        return None
+    if (
+        module.input_dilation not in (None, 1)
+        and tuple(conv_tuple(module.input_dilation, nd)) != (1,) * nd
+    ):
+        return None
+    padding = module.padding
+    if isinstance(padding, str):
+        if padding.upper() not in ("SAME", "VALID"):
+            return None
+        padding = padding.upper()
+    elif isinstance(padding, int):
+        padding = [(padding, padding)] * nd
+    else:
+        padding = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+    strides, dilation = conv_tuple(module.strides, nd), conv_tuple(module.kernel_dilation, nd)
+    spatial = a.shape[1:-1]
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(
+            spatial,
+            tuple((k - 1) * d + 1 for k, d in zip(kernel_size, dilation)),
+            strides,
+            padding,
+        )
+    a = jnp.pad(a, ((0, 0), *[tuple(p) for p in padding], (0, 0)))
+    out_size = [
+        (a.shape[1 + i] - (kernel_size[i] - 1) * dilation[i] - 1) // strides[i] + 1
+        for i in range(nd)
+    ]
+    # One strided slice per kernel tap (data movement only, no arithmetic): [B, *out, taps, C].
+    taps = []
+    for offset in itertools.product(*[range(k) for k in kernel_size]):
+        start = [0] + [o * d for o, d in zip(offset, dilation)] + [0]
+        limit = (
+            [a.shape[0]]
+            + [st + (n - 1) * s + 1 for st, n, s in zip(start[1:], out_size, strides)]
+            + [a.shape[-1]]
+        )
+        taps.append(jax.lax.slice(a, start, limit, (1, *strides, 1)))
+    patches = jnp.stack(taps, axis=-2)
+    return patches.reshape(*patches.shape[:-2], -1)
+
+
+def conv_tuple(v, nd):
+    if v is None:
+        return (1,) * nd
+    if isinstance(v, int):
+        return (v,) * nd
+    return tuple(v)
+
+
 class CNN(nn.Module):
     """conv3x3(c) ReLU maxpool2 per entry of ``channels``, then a dense layer (SAME padding)."""
 
@@ -66,10 +157,26 @@ class CNN(nn.Module):
     @nn.compact
     def __call__(self, x):
         for c in self.channels:
-            x = nn.Conv(c, (3, 3), padding="SAME")(x)
-            x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2), padding="SAME")
+            x = PatchConv(c, (3, 3), padding="SAME")(x)
+            x = max_pool_2d(nn.relu(x), 2)
         x = x.reshape((x.shape[0], -1))
         return nn.Dense(self.num_classes)(x)
+
+
+def max_pool_2d(x: jax.Array, k: int) -> jax.Array:
+    """Non-overlapping ``k x k`` max pooling of ``x[B, H, W, C]`` with SAME padding.
+
+    Equals ``nn.max_pool(x, (k, k), strides=(k, k), padding="SAME")`` in the forward pass,
+    written as a reshape and a max so that its gradient is elementwise instead of XLA's
+    ``select_and_scatter`` (about 7x faster on CPU for R1-cnn's shapes). At ties the
+    gradient is split evenly instead of going to one position; after a ReLU the only ties
+    are at zero, where the ReLU's gradient is zero anyway.
+    """
+    b, h, w, c = x.shape
+    ph, pw = -h % k, -w % k
+    if ph or pw:
+        x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)), constant_values=-jnp.inf)
+    return x.reshape(b, (h + ph) // k, k, (w + pw) // k, k, c).max(axis=(2, 4))
 
 
 def mlp(input_shape, num_classes, hidden: Sequence[int] = (64,)) -> Model:
