@@ -8,7 +8,7 @@ A federated round is one pure function compiled once::
 """
 
 from fedjax_dp import accounting
-from fedjax_dp._src import data, models, sampling
+from fedjax_dp._src import data, distributed, models, population, sampling
 from fedjax_dp._src.aggregation import add_gaussian_noise, clip_per_client
 from fedjax_dp._src.algorithms import (
     ALGORITHMS,
@@ -49,6 +49,7 @@ __all__ = [
     "clip_per_client",
     "cross_entropy",
     "data",
+    "distributed",
     "evaluate",
     "from_arrays",
     "from_flax",
@@ -58,6 +59,7 @@ __all__ = [
     "make_federated",
     "models",
     "partition",
+    "population",
     "register_model",
     "resolve",
     "sampling",

@@ -25,8 +25,31 @@ PARTITION_METHODS = ("iid", "dirichlet", "shards", "quantity_skew")
 _DIRICHLET_MAX_TRIES = 1000
 
 
+class ClientTable:
+    """Static facts of flat per-client arrays ``x``, ``y``, ``counts`` (shared by the device
+    :class:`FederatedData` and the host :class:`~fedjax_dp.population.HostPopulation`)."""
+
+    x: Array
+    counts: Array
+
+    @property
+    def num_clients(self) -> int:
+        """The number of clients ``K``."""
+        return int(self.counts.shape[0])
+
+    @property
+    def num_examples(self) -> int:
+        """The total number of examples ``N``."""
+        return int(self.x.shape[0])
+
+    @property
+    def feature_shape(self) -> tuple:
+        """The shape of one example, ``x.shape[1:]``."""
+        return tuple(self.x.shape[1:])
+
+
 @flax.struct.dataclass
-class FederatedData:
+class FederatedData(ClientTable):
     """A federated dataset as flat arrays.
 
     Client ``k`` owns examples ``x[offsets[k]:offsets[k] + counts[k]]`` (and the same rows of
@@ -51,21 +74,6 @@ class FederatedData:
     num_classes: int = flax.struct.field(pytree_node=False)
     max_count: int = flax.struct.field(pytree_node=False)
     client_names: tuple | None = flax.struct.field(pytree_node=False, default=None)
-
-    @property
-    def num_clients(self) -> int:
-        """The number of clients ``K``."""
-        return int(self.counts.shape[0])
-
-    @property
-    def num_examples(self) -> int:
-        """The total number of examples ``N``."""
-        return int(self.x.shape[0])
-
-    @property
-    def feature_shape(self) -> tuple:
-        """The shape of one example, ``x.shape[1:]``."""
-        return tuple(self.x.shape[1:])
 
     def client(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Returns host copies ``(x_k, y_k)`` of client ``k``'s examples.

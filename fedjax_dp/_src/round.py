@@ -5,6 +5,11 @@ clients: cohort sampling on device; for each chunk of the cohort (``lax.scan``) 
 updates (``vmap``), the per-client stages (e.g. clipping) and a streaming weighted sum; then
 the server stages on the sum (e.g. Gaussian noise), division by the denominator, and the
 server optax optimizer on the pseudo-gradient ``-mean_delta``.
+
+``round_fn(state, cohort_data, hparams, key, cohort)`` is the same round on a cohort sampled
+and gathered beforehand (:meth:`Round.sample`, then e.g.
+:meth:`fedjax_dp.population.HostPopulation.gather`), for populations that live on the host:
+each client keeps its global id for its keys, so both forms give the same result.
 """
 
 from __future__ import annotations
@@ -32,20 +37,45 @@ class ServerState(NamedTuple):
     round: jax.Array  # shape=(), dtype=int32: rounds completed
 
 
+class Cohort(NamedTuple):
+    """The clients of one round, as ``sampler.sample(fold_in(key, 0))`` returns them.
+
+    Attributes:
+      ids: ``int32[C]`` global client ids (rows of the whole population); ``C`` is the
+        sampler's static ``cohort_size``.
+      mask: ``bool[C]``; ``False`` marks padding slots (Poisson sampling), which contribute
+        nothing.
+      overflow: ``int32[]``, clients selected but not fitting in ``C`` (see
+        :func:`fedjax_dp.sampling.poisson`).
+    """
+
+    ids: jax.Array
+    mask: jax.Array
+    overflow: jax.Array
+
+
 class Round(NamedTuple):
     """A built round.
 
     Attributes:
       init: ``params -> ServerState``.
-      round_fn: the pure round ``(state, data, hparams, key) -> (state, metrics)``; jit it
-        once (:func:`build_round` returns it jitted unless ``jit=False``).
+      round_fn: the pure round ``(state, data, hparams, key, cohort=None) -> (state,
+        metrics)``; jit it once (:func:`build_round` returns it jitted unless ``jit=False``).
+        With ``cohort=None`` it samples the cohort from ``key`` and ``data`` is the whole
+        population. With ``cohort`` (a :class:`Cohort`, i.e. ``sample(key)``) ``data`` holds
+        only the cohort: ``cohort_size`` clients, slot ``i`` holding client ``ids[i]`` (any
+        data in masked slots; it is never used). Both give the same result for the same key.
       client_stages, server_stages: the stages, for privacy metadata.
+      sample: ``key -> Cohort``, the cohort that ``round_fn`` draws for the round key
+        ``key``, so the host can gather its data ahead of the round (jitted unless
+        ``jit=False``).
     """
 
     init: Callable[[base.Params], ServerState]
     round_fn: Callable[..., tuple[ServerState, dict[str, jax.Array]]]
     client_stages: tuple
     server_stages: tuple
+    sample: Callable[[jax.Array], Cohort] | None = None
 
 
 def build_round(
@@ -81,7 +111,7 @@ def build_round(
         (``jax.shard_map``); each device scans over its own chunks and the linear aggregates
         are reduced with ``psum``. Parameters and data are replicated. Results equal the
         single-device round up to float summation order. Client stages must be stateless.
-      jit: return ``round_fn`` compiled with ``jax.jit`` (state donated).
+      jit: return ``round_fn`` (state donated) and ``sample`` compiled with ``jax.jit``.
 
     Hyper-parameters read from ``hparams``: ``server_lr`` plus whatever the client update and
     the stages read.
@@ -91,9 +121,9 @@ def build_round(
     if denominator not in ("mean", "expected"):
         raise ValueError(f"denominator={denominator!r} must be 'mean' or 'expected'")
     _check_dp_pairing(client_stages, server_stages)
-    cohort = sampler.cohort_size
+    cohort_size = sampler.cohort_size
     if chunk_size is None:
-        chunk_size = min(cohort, 64)
+        chunk_size = min(cohort_size, 64)
     if int(chunk_size) != chunk_size or chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
     num_devices = 1
@@ -101,7 +131,7 @@ def build_round(
         if "clients" not in mesh.axis_names:
             raise ValueError(f"mesh axes {mesh.axis_names} lack the axis 'clients'")
         num_devices = int(mesh.shape["clients"])
-    per_device = -(-cohort // num_devices)
+    per_device = -(-cohort_size // num_devices)
     chunk_size = min(int(chunk_size), per_device)
     local_chunks = -(-per_device // chunk_size)
     num_chunks = local_chunks * num_devices
@@ -122,16 +152,20 @@ def build_round(
             round=jnp.zeros((), jnp.int32),
         )
 
-    def _scan_chunks(ids, mask, tx_state, params, data, hparams, clients_key):
-        """Clients ``ids[n * chunk_size]`` in chunks: vmapped updates, client stages, sums."""
+    def _scan_chunks(ids, rows, mask, tx_state, params, data, hparams, clients_key):
+        """Clients ``ids[n * chunk_size]`` in chunks: vmapped updates, client stages, sums.
+
+        ``ids`` are global client ids (they pick the clients' keys); ``rows`` are the same
+        clients' indices in ``data`` (equal to ``ids`` when ``data`` is the population).
+        """
 
         def chunk(carry, xs):
             total, weight_sum, loss_sum, seen_sum, tx_state = carry
-            cid, cmask = xs
+            cid, crow, cmask = xs
             ckeys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(clients_key, cid)
             update_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(ckeys, 0)
             tx_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(ckeys, 1)
-            deltas, cm = vmapped_update(params, data, cid, update_keys, hparams)
+            deltas, cm = vmapped_update(params, data, crow, update_keys, hparams)
             deltas, tx_state = client_tx.update(
                 deltas, tx_state, key=tx_keys, mask=cmask, hparams=hparams
             )
@@ -147,41 +181,66 @@ def build_round(
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         init_carry = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), tx_state)
         n = ids.shape[0] // chunk_size
-        xs = (ids.reshape(n, chunk_size), mask.reshape(n, chunk_size))
+        xs = tuple(a.reshape(n, chunk_size) for a in (ids, rows, mask))
         carry, _ = jax.lax.scan(chunk, init_carry, xs)
         return carry
 
-    def round_fn(state: ServerState, data, hparams, key):
+    def sample(key) -> Cohort:
+        return Cohort(*sampler.sample(jax.random.fold_in(key, _SAMPLE)))
+
+    def round_fn(state: ServerState, data, hparams, key, cohort: Cohort | None = None):
         params = state.params
-        ids, mask, overflow = sampler.sample(jax.random.fold_in(key, _SAMPLE))
-        ids = jnp.pad(ids, (0, padded - cohort))
-        mask = jnp.pad(mask, (0, padded - cohort))
+        if cohort is None:
+            ids, mask, overflow = sample(key)
+            rows = ids
+        else:
+            ids, mask, overflow = (jnp.asarray(a) for a in cohort)
+            if ids.shape != (cohort_size,) or mask.shape != (cohort_size,):
+                raise ValueError(
+                    f"cohort ids/mask have shapes {ids.shape}/{mask.shape}; expected "
+                    f"({cohort_size},), the sampler's cohort_size (use Round.sample(key))"
+                )
+            if data.counts.shape[0] != cohort_size:
+                raise ValueError(
+                    f"with a cohort, data must hold exactly the cohort's {cohort_size} clients "
+                    f"(slot i = client ids[i]); it holds {data.counts.shape[0]}"
+                )
+            ids, mask, overflow = (
+                ids.astype(jnp.int32),
+                mask.astype(bool),
+                overflow.astype(jnp.int32),
+            )
+            rows = jnp.arange(cohort_size, dtype=jnp.int32)
+        # Chunk padding: client 0 (row 0), masked; the same keys in both forms of the round.
+        ids = jnp.pad(ids, (0, padded - cohort_size))
+        rows = jnp.pad(rows, (0, padded - cohort_size))
+        mask = jnp.pad(mask, (0, padded - cohort_size))
         clients_key = jax.random.fold_in(key, _CLIENTS)
         if mesh is None:
             total, weight_sum, loss_sum, seen_sum, tx_state = _scan_chunks(
-                ids, mask, state.client_tx_state, params, data, hparams, clients_key
+                ids, rows, mask, state.client_tx_state, params, data, hparams, clients_key
             )
         else:
             if jax.tree.leaves(state.client_tx_state):
                 raise ValueError("client stages with state cannot be sharded over a mesh yet")
 
-            def per_device(ids, mask, params, data, hparams, clients_key):
+            def per_device(ids, rows, mask, params, data, hparams, clients_key):
                 *sums, _ = _scan_chunks(
-                    ids, mask, state.client_tx_state, params, data, hparams, clients_key
+                    ids, rows, mask, state.client_tx_state, params, data, hparams, clients_key
                 )
                 return jax.lax.psum(tuple(sums), "clients")
 
             spec, rep = jax.sharding.PartitionSpec("clients"), jax.sharding.PartitionSpec()
-            ids, mask = _place(ids, mesh, spec), _place(mask, mesh, spec)
+            ids, rows, mask = (_place(a, mesh, spec) for a in (ids, rows, mask))
             total, weight_sum, loss_sum, seen_sum = jax.shard_map(
                 per_device,
                 mesh=mesh,
-                in_specs=(spec, spec, rep, rep, rep, rep),
+                in_specs=(spec, spec, spec, rep, rep, rep, rep),
                 out_specs=rep,
                 # Replicated params flow into per-device scans; the psum makes outputs
                 # replicated, which the varying-axes type check cannot see through scan.
                 check_vma=False,
-            )(ids, mask, params, data, hparams, clients_key)
+            )(ids, rows, mask, params, data, hparams, clients_key)
             tx_state = state.client_tx_state
 
         total, server_tx_state = server_tx.update(
@@ -211,7 +270,8 @@ def build_round(
         return new_state, metrics
 
     fn = jax.jit(round_fn, donate_argnums=0) if jit else round_fn
-    return Round(init, fn, tuple(client_stages), tuple(server_stages))
+    sample_fn = jax.jit(sample) if jit else sample
+    return Round(init, fn, tuple(client_stages), tuple(server_stages), sample_fn)
 
 
 def _place(x: jax.Array, mesh: jax.sharding.Mesh, spec) -> jax.Array:
