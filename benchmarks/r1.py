@@ -18,7 +18,13 @@ Methods, compared side by side:
   jitted once for ONE client, called in a Python loop over the sampled clients; the deltas are
   summed on device (the running sum is fused into the per-client jitted call, so there is one
   dispatch per client: the cheapest form of this baseline), then a jitted server step.
-- ``opacus``: torch + Opacus, one client at a time (only if both are installed).
+- ``opacus``: torch + Opacus (``pip install -e .[bench]``), one client at a time: the model made
+  private once with ``PrivacyEngine.make_private(poisson_sampling=False, max_grad_norm=1.0,
+  noise_multiplier=1.0)`` around SGD(lr 0.1); per client, the global parameters are copied in
+  and its 4 fixed batches of 8 are stepped through Opacus' per-sample gradients and DPOptimizer;
+  the deltas are averaged at the server. torch uses all cores (``torch.set_num_threads(
+  os.cpu_count())``) unless ``--torch-threads`` says otherwise. Checked against the engine by
+  ``--check-opacus`` (run with the grid): same params and batches, noise off, one round.
 
 Every configuration runs in a fresh subprocess (``--one``) so that its peak RSS is its own.
 The default mode runs the grid and writes a markdown table (stdout) and a JSON file.
@@ -48,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,17 +159,24 @@ def _config(cohort: int, chunk_size: int | None):
     )
 
 
-def _setup(model_name: str, cohort: int, chunk_size: int | None):
-    """Host data, device data, model, simulation and hparams of one R1 configuration."""
+def host_data(cohort: int):
+    """The R1 population for cohort size C, as host (numpy) arrays."""
     import fedjax_dp
 
-    data = fedjax_dp.data.synthetic_classification(
+    return fedjax_dp.data.synthetic_classification(
         num_clients=max(POPULATION, cohort),
         examples_per_client=EXAMPLES_PER_CLIENT,
         feature_shape=FEATURE_SHAPE,
         num_classes=NUM_CLASSES,
         seed=DATA_SEED,
     )
+
+
+def _setup(model_name: str, cohort: int, chunk_size: int | None):
+    """Host data, device data, model, simulation and hparams of one R1 configuration."""
+    import fedjax_dp
+
+    data = host_data(cohort)
     model = fedjax_dp.get_model(model_name, FEATURE_SHAPE, NUM_CLASSES, **MODEL_KWARGS[model_name])
     sim = fedjax_dp.build_simulation(_config(cohort, chunk_size), model, data)
     return data, data.to_device(), model, sim, sim.make_hparams()
@@ -297,7 +311,26 @@ def _time_loop(model_name: str, setup, rounds: int) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------- the Opacus baseline
+#
+# torch + Opacus, one client at a time, as an Opacus user would simulate R1: the model is made
+# private ONCE with ``PrivacyEngine.make_private(..., poisson_sampling=False)`` (a
+# GradSampleModule for per-sample gradients and a DPOptimizer around SGD(lr 0.1) that clips each
+# per-sample gradient to ``max_grad_norm`` 1.0, adds N(0, (1.0 * 1.0)^2) noise to the clipped sum
+# and divides by the batch size 8). Each client then resets the parameters to the global model
+# and takes its 4 fixed batches of 8 (a uniform permutation of its 32 examples, as the engine
+# does; no Poisson sampling), and the deltas are averaged at the server (SGD lr 1.0).
+
+OPACUS_WARNINGS = (
+    # Hooks on the first layer fire although the input needs no gradient: expected, harmless.
+    "Full backward hook is firing when gradients are computed with respect to module outputs",
+    # We seed the noise generator for reproducibility; this is a benchmark, not a release.
+    "Secure RNG turned off",
+)
+
+
 def _torch_model(model_name: str):
+    """R1-mlp / R1-cnn in torch (NCHW); the same layers as ``fedjax_dp.get_model``."""
     import torch
 
     nn = torch.nn
@@ -308,79 +341,305 @@ def _torch_model(model_name: str):
             nn.ReLU(),
             nn.Linear(MLP_HIDDEN[0], NUM_CLASSES),
         )
+    if model_name != "cnn":
+        raise ValueError(f"unknown model {model_name!r}; choose mlp or cnn")
     c1, c2 = CNN_CHANNELS
+    h, w = -(-FEATURE_SHAPE[0] // 4), -(-FEATURE_SHAPE[1] // 4)  # two 2x2 pools (even sizes)
     return nn.Sequential(
-        nn.Conv2d(FEATURE_SHAPE[2], c1, 3, padding=1),
+        nn.Conv2d(FEATURE_SHAPE[2], c1, 3, padding=1),  # 3x3 SAME
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Conv2d(c1, c2, 3, padding=1),
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(7 * 7 * c2, NUM_CLASSES),
+        nn.Linear(h * w * c2, NUM_CLASSES),
     )
 
 
-def _time_opacus(model_name: str, setup, rounds: int) -> dict:
-    """Opacus per-sample gradients, one client at a time; DP-SGD steps written out by hand.
+def flax_layer_names(params) -> list[str]:
+    """Names of the weight layers of R1 flax params, in forward order.
 
-    Same math as R1 (per-example clip 1.0, noise 1.0 * clip on each batch's clipped sum,
-    divided by the batch size, SGD lr 0.1, 1 epoch in batches of 8, server mean of deltas).
+    Convolutions (4-d kernels) first, then dense layers, each by the index flax appends to the
+    module name (``Conv_0``, ``PatchConv_1``, ``Dense_0``, ...); dict order is not used, as
+    ``jax.tree`` operations sort the keys.
     """
+    import numpy as np
+
+    def key(name):
+        return (np.ndim(params[name]["kernel"]) != 4, int(name.rsplit("_", 1)[1]))
+
+    return sorted(params, key=key)
+
+
+def flax_to_torch(model_name: str, params) -> list:
+    """Flax params of R1-mlp/cnn as float32 numpy arrays in the torch model's parameter order.
+
+    Dense kernels ``[in, out]`` become ``weight[out, in]``; conv kernels HWIO become OIHW. The
+    cnn's last dense layer also permutes its inputs: flax flattens ``(h, w, c)``, torch
+    ``(c, h, w)``.
+    """
+    import numpy as np
+
+    out = []
+    for name in flax_layer_names(params):
+        k, b = np.asarray(params[name]["kernel"]), np.asarray(params[name]["bias"])
+        if k.ndim == 4:
+            k = k.transpose(3, 2, 0, 1)
+        elif model_name == "cnn":  # the dense layer after the convs
+            c = CNN_CHANNELS[-1]
+            hw = k.shape[0] // c
+            h = math.isqrt(hw)
+            k = k.reshape(h, hw // h, c, -1).transpose(3, 2, 0, 1).reshape(k.shape[1], -1)
+        else:
+            k = k.T
+        out += [np.ascontiguousarray(k, np.float32), np.asarray(b, np.float32)]
+    return out
+
+
+def torch_to_flax(model_name: str, arrays, like) -> dict:
+    """Inverse of :func:`flax_to_torch`: numpy arrays in, flax params with the layer names of
+    ``like`` (flax params of the same model) out."""
+    import numpy as np
+
+    params = {}
+    for i, name in enumerate(flax_layer_names(like)):
+        w, b = (np.asarray(a) for a in arrays[2 * i : 2 * i + 2])
+        if w.ndim == 4:
+            k = w.transpose(2, 3, 1, 0)
+        elif model_name == "cnn":
+            c = CNN_CHANNELS[-1]
+            hw = w.shape[1] // c
+            h = math.isqrt(hw)
+            k = w.reshape(-1, c, h, hw // h).transpose(2, 3, 1, 0).reshape(hw * c, -1)
+        else:
+            k = w.T
+        params[name] = {"kernel": k, "bias": b}
+    return params
+
+
+class OpacusRound:
+    """One R1 round with Opacus, one client at a time (see the comment above).
+
+    Args:
+      model_name: ``mlp`` or ``cnn``.
+      data: the host :class:`fedjax_dp.FederatedData`.
+      noise_multiplier: Opacus' ``noise_multiplier`` (R1: 1.0; 0.0 in the equality check).
+      seed: seeds torch's initialisation and the noise generator.
+    """
+
+    def __init__(self, model_name: str, data, noise_multiplier: float, seed: int = 0):
+        import numpy as np
+        import opacus
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+
+        for msg in OPACUS_WARNINGS:
+            warnings.filterwarnings("ignore", message=msg)
+        torch.manual_seed(seed)
+        model = _torch_model(model_name)
+        optimizer = torch.optim.SGD(model.parameters(), lr=CLIENT_LR)
+        # make_private needs a DataLoader; one client's worth of rows in batches of B, so that
+        # Opacus derives expected_batch_size = B (32 rows / 4 batches). We feed each client's
+        # batches ourselves, as this loader would (poisson_sampling=False leaves it as is).
+        shape_loader = DataLoader(
+            TensorDataset(torch.zeros(EXAMPLES_PER_CLIENT, 1)), batch_size=BATCH_SIZE
+        )
+        self.privacy_engine = opacus.PrivacyEngine(accountant="rdp")
+        self.module, self.optimizer, _ = self.privacy_engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=shape_loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=EXAMPLE_CLIP_NORM,
+            poisson_sampling=False,
+            loss_reduction="mean",
+            noise_generator=torch.Generator().manual_seed(seed + 1),
+        )
+        if self.optimizer.expected_batch_size != BATCH_SIZE:
+            raise AssertionError(f"Opacus batch size {self.optimizer.expected_batch_size}")
+        self.loss_fn = torch.nn.CrossEntropyLoss()  # mean over the batch
+        self.params = list(self.module.parameters())
+        self.global_params = [p.detach().clone() for p in self.params]
+        # NHWC -> NCHW in a fresh C-order array. Not np.ascontiguousarray: with one channel the
+        # moved view already counts as contiguous and keeps the strides (784, 1, 28, 1), which
+        # torch reads as channels_last; the convolutions then return channels_last tensors, and
+        # Opacus' unfold2d (as_strided, assuming NCHW strides) gets the second conv's per-sample
+        # gradients wrong (all zero here), silently.
+        x = np.array(np.moveaxis(np.asarray(data.x), -1, 1), np.float32, order="C", copy=True)
+        self.x = torch.from_numpy(x)
+        if self.x.stride() != torch.empty(self.x.shape).stride():
+            raise AssertionError(f"x strides {self.x.stride()} are not NCHW-contiguous")
+        self.y = torch.from_numpy(np.asarray(data.y).astype(np.int64))
+        self.offsets, self.counts = np.asarray(data.offsets), np.asarray(data.counts)
+        self.num_clients = data.num_clients
+
+    def set_params(self, arrays) -> None:
+        import numpy as np
+        import torch
+
+        with torch.no_grad():
+            for g, a in zip(self.global_params, arrays, strict=True):
+                g.copy_(torch.from_numpy(np.array(a, np.float32)))
+
+    def get_params(self) -> list:
+        return [g.numpy().copy() for g in self.global_params]
+
+    def schedule(self, rng, cohort: int) -> list:
+        """Fixed-size sampling without replacement, then a uniform permutation per client."""
+        ids = rng.choice(self.num_clients, cohort, replace=False)
+        return [self.offsets[c] + rng.permutation(self.counts[c]) for c in ids]
+
+    def __call__(self, client_rows: list) -> float:
+        """One round; ``client_rows[k]``: the example rows of client k in the order used."""
+        import torch
+
+        total = [torch.zeros_like(g) for g in self.global_params]
+        loss_sum, seen = torch.zeros(()), 0
+        for rows in client_rows:
+            with torch.no_grad():
+                for p, g in zip(self.params, self.global_params):
+                    p.copy_(g)
+            for start in range(0, len(rows), BATCH_SIZE):
+                batch = torch.from_numpy(rows[start : start + BATCH_SIZE])
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = self.loss_fn(self.module(self.x[batch]), self.y[batch])
+                loss.backward()
+                self.optimizer.step()  # clip per sample, sum, noise, / B, SGD step
+                loss_sum += loss.detach() * len(batch)
+                seen += len(batch)
+            with torch.no_grad():
+                for t, p, g in zip(total, self.params, self.global_params):
+                    t.add_(p - g)
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for g, t in zip(self.global_params, total):
+                g.add_(t / len(client_rows), alpha=SERVER_LR)
+        return float(loss_sum) / max(seen, 1)
+
+
+def _time_opacus(model_name: str, setup, rounds: int, torch_threads: int | None = None) -> dict:
     import numpy as np
     import opacus
     import torch
 
-    data = setup[0]
-    cohort = setup[3].config.cohort_size
-    torch.set_num_threads(os.cpu_count() or 1)
-    torch.manual_seed(0)
-    x_all = torch.from_numpy(np.ascontiguousarray(np.moveaxis(data.x, -1, 1)))  # NCHW
-    y_all = torch.from_numpy(data.y.astype(np.int64))
-    offsets, counts = np.asarray(data.offsets), np.asarray(data.counts)
-    module = opacus.GradSampleModule(_torch_model(model_name), loss_reduction="sum")
-    params = list(module.parameters())
-    global_params = [p.detach().clone() for p in params]
+    data, cohort = setup
+    threads = torch_threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    rnd = OpacusRound(model_name, data, EXAMPLE_NOISE_MULTIPLIER, seed=INIT_SEED)
     rng = np.random.default_rng(ROUND_SEED)
-    loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
-
-    def one_round():
-        total = [torch.zeros_like(g) for g in global_params]
-        ids = rng.choice(data.num_clients, cohort, replace=False)
-        for cid in ids:
-            with torch.no_grad():
-                for p, g in zip(params, global_params):
-                    p.copy_(g)
-            order = offsets[cid] + rng.permutation(counts[cid])
-            for start in range(0, len(order), BATCH_SIZE):
-                rows = torch.from_numpy(order[start : start + BATCH_SIZE])
-                loss = loss_fn(module(x_all[rows]), y_all[rows])
-                loss.backward()
-                grads = [p.grad_sample.reshape(len(rows), -1) for p in params]
-                norms = torch.sqrt(sum((g * g).sum(1) for g in grads))
-                scale = torch.clamp(EXAMPLE_CLIP_NORM / torch.clamp(norms, min=1e-12), max=1.0)
-                with torch.no_grad():
-                    for p in params:
-                        summed = torch.einsum("b,b...->...", scale, p.grad_sample)
-                        noise = torch.randn_like(summed) * (
-                            EXAMPLE_NOISE_MULTIPLIER * EXAMPLE_CLIP_NORM
-                        )
-                        p.add_((summed + noise) / BATCH_SIZE, alpha=-CLIENT_LR)
-                        p.grad_sample = None
-                        p.grad = None
-            with torch.no_grad():
-                for t, p, g in zip(total, params, global_params):
-                    t.add_(p - g)
-        with torch.no_grad():
-            for g, t in zip(global_params, total):
-                g.add_(t / cohort, alpha=SERVER_LR)
-
     times = []
     for _ in range(rounds + 1):
         t0 = time.perf_counter()
-        one_round()
+        loss = rnd(rnd.schedule(rng, cohort))
         times.append(time.perf_counter() - t0)
-    return {"compile_s": None, "first_round_s": times[0], "round_times_s": times[1:]}
+    return {
+        "compile_s": None,
+        "first_round_s": times[0],
+        "round_times_s": times[1:],
+        "train_loss": loss,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "torch": torch.__version__,
+        "opacus": opacus.__version__,
+    }
+
+
+def engine_client_rows(sim, data, key) -> list:
+    """The example rows, in order, that each client of the engine's round ``key`` trains on.
+
+    Same key derivation as the engine (and :func:`make_loop_round`); the order within a client
+    comes from the client update's own schedule (``fedjax_dp._src.client._schedule``).
+    """
+    import jax
+    import numpy as np
+
+    from fedjax_dp._src.client import _schedule
+
+    ids, _, _ = sim.sampler.sample(jax.random.fold_in(key, KEY_SAMPLE))
+    clients_key = jax.random.fold_in(key, KEY_CLIENTS)
+    offsets, counts = np.asarray(data.offsets), np.asarray(data.counts)
+    out = []
+    for cid in np.asarray(ids):
+        ckey = jax.random.fold_in(jax.random.fold_in(clients_key, cid), KEY_CLIENT_UPDATE)
+        order_key, _ = jax.random.split(ckey)
+        idx, valid = _schedule(
+            order_key,
+            counts[cid],
+            max_count=data.max_count,
+            num_steps=sim.client.num_steps,
+            batch_size=BATCH_SIZE,
+            num_perms=LOCAL_EPOCHS,
+            epoch_mode=True,
+        )
+        idx, valid = np.asarray(idx).reshape(-1), np.asarray(valid).reshape(-1)
+        out.append(offsets[cid] + idx[valid].astype(np.int64))
+    return out
+
+
+def check_engine_vs_opacus(model_name: str, cohort: int) -> dict:
+    """Does the Opacus round compute the engine's round? Same params, clients and batches.
+
+    1. Noise off (noise multiplier 0 on both sides): the two rounds must agree to float
+       rounding, which checks the model, the per-example clipping, the /B, the learning rates,
+       the batches and the server mean.
+    2. Noise on (1.0): the noise streams differ, so compare its scale: the std over all
+       parameters of (noisy round - noise-free round) of each side.
+    """
+    import jax
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    data, dev, _, sim, _ = _setup(model_name, cohort, cohort)
+    key = _round_keys(1)[0]
+    rows = engine_client_rows(sim, data, key)
+
+    def engine(sigma):
+        state = sim.init(jax.random.key(INIT_SEED))
+        params0 = jax.tree.map(np.asarray, state.params)
+        hp = sim.make_hparams(example_noise_multiplier=sigma)
+        new, metrics = sim.round_fn(state, dev, hp, key)
+        return params0, jax.tree.map(np.asarray, new.params), float(metrics["train_loss"])
+
+    def opacus_round(params0, sigma):
+        rnd = OpacusRound(model_name, data, sigma, seed=INIT_SEED)
+        rnd.set_params(flax_to_torch(model_name, params0))
+        loss = rnd(rows)
+        return torch_to_flax(model_name, rnd.get_params(), params0), loss
+
+    def flat(tree):
+        return np.concatenate([np.ravel(v) for v in jax.tree.leaves(tree)])
+
+    params0, eng0, eng_loss = engine(0.0)
+    _, eng1, _ = engine(EXAMPLE_NOISE_MULTIPLIER)
+    # The converters must round-trip exactly, or the comparison below would be meaningless.
+    roundtrip = flat(torch_to_flax(model_name, flax_to_torch(model_name, params0), params0))
+    if not np.array_equal(roundtrip, flat(params0)):
+        raise AssertionError("flax_to_torch / torch_to_flax do not round-trip")
+    opa0, opa_loss = opacus_round(params0, 0.0)
+    opa1, _ = opacus_round(params0, EXAMPLE_NOISE_MULTIPLIER)
+    std_eng = float(np.std(flat(eng1) - flat(eng0)))
+    std_opa = float(np.std(flat(opa1) - flat(opa0)))
+    return {
+        "model": model_name,
+        "cohort": cohort,
+        "max_abs_diff_engine_vs_opacus_no_noise": float(np.max(np.abs(flat(eng0) - flat(opa0)))),
+        "max_abs_param_change": float(np.max(np.abs(flat(eng0) - flat(params0)))),
+        "train_loss_engine": eng_loss,
+        "train_loss_opacus": opa_loss,
+        "noise_std_engine": std_eng,
+        "noise_std_opacus": std_opa,
+        "noise_std_ratio_opacus_over_engine": std_opa / std_eng,
+        # One step adds N(0, (sigma C)^2) / B * lr to each parameter; 4 steps per client, then
+        # the mean over the cohort: about lr sigma C / B * sqrt(S / cohort) (before clipping
+        # and the nonlinearity mix it further).
+        "noise_std_expected_approx": CLIENT_LR
+        * EXAMPLE_NOISE_MULTIPLIER
+        * EXAMPLE_CLIP_NORM
+        / BATCH_SIZE
+        * math.sqrt(sim.client.num_steps / cohort),
+    }
 
 
 def matmul_gflops(reps: int = 10, n: int = MATMUL_N) -> float:
@@ -400,15 +659,31 @@ def matmul_gflops(reps: int = 10, n: int = MATMUL_N) -> float:
     return 2.0 * n**3 / statistics.median(times) / 1e9
 
 
-def run_one(model_name: str, cohort: int, method: str, chunk_size, rounds, matmul_reps) -> dict:
-    """Times one (model, cohort, method[, chunk]) configuration in this process."""
+def run_one(
+    model_name: str,
+    cohort: int,
+    method: str,
+    chunk_size,
+    rounds,
+    matmul_reps,
+    torch_threads: int | None = None,
+) -> dict:
+    """Times one (model, cohort, method[, chunk]) configuration in this process.
+
+    ``chunk_size`` None or 0: the engine's default chunk (``min(C, 64)``). The opacus method
+    builds only the host data (no device copy, no simulation), so its peak RSS is torch's.
+    """
     import jax
 
     load_start = os.getloadavg()[0]
-    setup = _setup(model_name, cohort, chunk_size if method == "engine" else None)
+    if method == "opacus":
+        setup = (host_data(cohort), cohort)
+        result_fn = functools.partial(_time_opacus, torch_threads=torch_threads)
+    else:
+        setup = _setup(model_name, cohort, (chunk_size or None) if method == "engine" else None)
+        result_fn = {"engine": _time_engine, "loop": _time_loop}[method]
     rss_setup = _maxrss_mib()
-    timed = {"engine": _time_engine, "loop": _time_loop, "opacus": _time_opacus}[method]
-    result = timed(model_name, setup, rounds)
+    result = result_fn(model_name, setup, rounds)
     rss_peak = _maxrss_mib()
     peak = matmul_gflops(matmul_reps)
     median = statistics.median(result["round_times_s"])
@@ -478,8 +753,8 @@ def diagnose(model_name: str, reps: int) -> dict:
     """Milliseconds per client of the pieces of a DP-SGD client update, side by side.
 
     The ``S x`` pieces are one jitted call for one step, times S (so they include S dispatches);
-    the others are one jitted call for the whole client. The pieces are timed round-robin, ``reps`` times each, so that they share the same
-    background load; the median is reported.
+    the others are one jitted call for the whole client. The pieces are timed round-robin,
+    ``reps`` times each, so that they share the same background load; the median is reported.
     """
     import jax
     import jax.numpy as jnp
@@ -626,7 +901,25 @@ def grid(models, cohorts, methods, chunk_sizes):
                     yield model_name, cohort, method, None
 
 
-def _subprocess(args: list[str], timeout: float) -> tuple[dict | None, str]:
+def one_args(model_name, cohort, method, chunk, rounds, matmul_reps) -> list[str]:
+    """Command-line arguments of ``python -m benchmarks.r1 --one`` for one configuration."""
+    return [
+        "--one",
+        f"--models={model_name}",
+        f"--cohorts={cohort}",
+        f"--methods={method}",
+        f"--chunk-size={chunk or 0}",
+        f"--rounds={rounds}",
+        f"--matmul-reps={matmul_reps}",
+    ]
+
+
+def run_subprocess(args: list[str], timeout: float) -> tuple[dict | None, str]:
+    """``python -m benchmarks.r1 ARGS`` in a fresh process; its last JSON line, or (None, why).
+
+    Runs from the repository root, so that ``benchmarks`` is this package (the opacus wheel
+    installs an unrelated top-level ``benchmarks`` package into site-packages).
+    """
     env = dict(os.environ)
     env.setdefault("JAX_PLATFORMS", "cpu")
     cmd = [sys.executable, "-m", "benchmarks.r1", *args]
@@ -696,6 +989,13 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _torch_versions() -> dict | None:
+    try:
+        return {m: importlib.metadata.version(m) for m in ("torch", "opacus")}
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -716,17 +1016,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke test: mlp, C=16, 2 rounds")
     p.add_argument("--diagnose", action="store_true", help="time the pieces of a client update")
     p.add_argument("--diagnose-reps", type=int, default=20, help="timings per piece (--diagnose)")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for the opacus method (default: os.cpu_count(), all cores)",
+    )
     # Internal modes, run in subprocesses.
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--check-one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--check-opacus", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.one:
         (chunk,) = args.chunk_size
         row = run_one(
-            args.models[0], args.cohorts[0], args.methods[0], chunk, args.rounds, args.matmul_reps
+            args.models[0],
+            args.cohorts[0],
+            args.methods[0],
+            chunk,
+            args.rounds,
+            args.matmul_reps,
+            args.torch_threads,
         )
         print(json.dumps(row))
+        return 0
+    if args.check_opacus:
+        print(json.dumps(check_engine_vs_opacus(args.models[0], args.cohorts[0])))
         return 0
     if args.check_one:
         print(json.dumps(check_engine_vs_loop(args.models[0], args.cohorts[0], args.chunk_size[0])))
@@ -762,16 +1078,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({**base, "skipped": "skipped (torch/opacus not installed)"})
             continue
         t0 = time.perf_counter()
-        row, err = _subprocess(
-            [
-                "--one",
-                f"--models={model_name}",
-                f"--cohorts={cohort}",
-                f"--methods={method}",
-                f"--chunk-size={chunk or 0}",
-                f"--rounds={args.rounds}",
-                f"--matmul-reps={args.matmul_reps}",
-            ],
+        row, err = run_subprocess(
+            one_args(model_name, cohort, method, chunk, args.rounds, args.matmul_reps)
+            + ([f"--torch-threads={args.torch_threads}"] if args.torch_threads else []),
             args.timeout,
         )
         if row is None:
@@ -786,13 +1095,23 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_check:
         for model_name in args.models:
             cohort, chunk = 16, 8  # two chunks, so the scan over chunks is exercised
-            res, err = _subprocess(
+            res, err = run_subprocess(
                 ["--check-one", f"--models={model_name}", f"--cohorts={cohort}", "--chunk-size=8"],
                 args.timeout,
             )
             res = res or {"model": model_name, "cohort": cohort, "chunk_size": chunk, "error": err}
             checks.append(res)
             _log(f"check {model_name}: {res}")
+        if "opacus" in args.methods and have_torch:
+            for model_name in args.models:
+                cohort = 8
+                res, err = run_subprocess(
+                    ["--check-opacus", f"--models={model_name}", f"--cohorts={cohort}"],
+                    args.timeout,
+                )
+                res = res or {"model": model_name, "cohort": cohort, "error": err}
+                checks.append(res)
+                _log(f"check opacus {model_name}: {res}")
 
     diffs = [c["max_abs_diff_engine_vs_loop"] for c in checks if "max_abs_diff_engine_vs_loop" in c]
     peaks = [r["matmul_gflops"] for r in rows if "matmul_gflops" in r]
@@ -819,6 +1138,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "checks": checks,
         "max_abs_diff_engine_vs_loop": max(diffs) if diffs else None,
+        "torch_versions": _torch_versions() if "opacus" in args.methods else None,
         "wall_s": time.perf_counter() - t_start,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -826,6 +1146,15 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     if diffs:
         print(f"\nmax |engine - loop| after one round (params): {max(diffs):.3g}")
+    for c in checks:
+        if "max_abs_diff_engine_vs_opacus_no_noise" in c:
+            print(
+                f"opacus check {c['model']} (C={c['cohort']}, same params and batches): "
+                "max |engine - opacus| without noise "
+                f"{c['max_abs_diff_engine_vs_opacus_no_noise']:.3g}"
+                f" (largest param change {c['max_abs_param_change']:.3g}); noise std "
+                f"opacus/engine {c['noise_std_ratio_opacus_over_engine']:.3f}"
+            )
     print(f"\nwrote {out}")
     return 0 if all("error" not in r for r in rows + checks) else 1
 
