@@ -14,10 +14,16 @@ Workload R1 (fixed):
 Methods, compared side by side:
 
 - ``engine``: ``sim.round_fn``, the whole round as one jitted function (chunked ``vmap``).
-- ``loop``: the FedJAX-style baseline: the same per-client update ``sim.client.update``,
-  jitted once for ONE client, called in a Python loop over the sampled clients; the deltas are
-  summed on device (the running sum is fused into the per-client jitted call, so there is one
-  dispatch per client: the cheapest form of this baseline), then a jitted server step.
+- ``loop``: the FedJAX-style baseline, written as a user would: R1's model with stock Flax
+  layers (``nn.Dense``; ``nn.Conv`` and ``nn.max_pool`` for the cnn: :func:`stock_model`), a
+  per-client update jitted once for ONE client and called in a Python loop over the sampled
+  clients, per-example gradients the straightforward way (``vmap(grad)`` over the batch, then
+  clip, sum, noise: ``clipping="per_example"``, the engine's reference path). The deltas are summed on device (the running sum is fused into the
+  per-client jitted call, so there is one dispatch per client: the cheapest form of this
+  baseline), then a jitted server step.
+- ``loop_fast``: the same loop around the engine's own client update and model (ghost
+  clipping; ``PatchConv`` and ``max_pool_2d`` for the cnn). ``engine / loop_fast`` isolates what running the cohort
+  as one chunked ``vmap`` adds on top of the faster client update.
 - ``opacus``: torch + Opacus (``pip install -e .[bench]``), one client at a time: the model made
   private once with ``PrivacyEngine.make_private(poisson_sampling=False, max_grad_norm=1.0,
   noise_multiplier=1.0)`` around SGD(lr 0.1); per client, the global parameters are copied in
@@ -67,6 +73,7 @@ FEATURE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 EXAMPLES_PER_CLIENT = 32
 POPULATION = 1024
+_POPULATION_OVERRIDE = 0  # --population: the same data for every C (memory comparisons)
 DATA_SEED = 0
 BATCH_SIZE = 8
 LOCAL_EPOCHS = 1
@@ -79,8 +86,8 @@ CNN_CHANNELS = (16, 32)
 MODEL_KWARGS = {"mlp": {"hidden": list(MLP_HIDDEN)}, "cnn": {"channels": list(CNN_CHANNELS)}}
 
 FULL_COHORTS = (64, 512, 4096)
-FULL_CHUNKS = (16, 64, 256)
-METHODS = ("engine", "loop", "opacus")
+FULL_CHUNKS = (0,)  # 0: the engine chooses (memory budget)
+METHODS = ("engine", "loop", "loop_fast", "opacus")
 MATMUL_N = 2048
 INIT_SEED, ROUND_SEED = 0, 1
 
@@ -142,7 +149,7 @@ def flops_per_round(model_name: str, cohort: int) -> int:
 # ---------------------------------------------------------------------------- setup
 
 
-def _config(cohort: int, chunk_size: int | None):
+def _config(cohort: int, chunk_size: int | None, clipping: str = "auto"):
     import fedjax_dp
 
     return fedjax_dp.AlgorithmConfig(
@@ -156,7 +163,13 @@ def _config(cohort: int, chunk_size: int | None):
         example_clip_norm=EXAMPLE_CLIP_NORM,
         example_noise_multiplier=EXAMPLE_NOISE_MULTIPLIER,
         chunk_size=chunk_size,
+        clipping=clipping,
     )
+
+
+def population(cohort: int) -> int:
+    """R1's population for cohort C: 1024 clients, or C if larger, or ``--population``."""
+    return max(_POPULATION_OVERRIDE or POPULATION, cohort)
 
 
 def host_data(cohort: int):
@@ -164,7 +177,7 @@ def host_data(cohort: int):
     import fedjax_dp
 
     return fedjax_dp.data.synthetic_classification(
-        num_clients=max(POPULATION, cohort),
+        num_clients=population(cohort),
         examples_per_client=EXAMPLES_PER_CLIENT,
         feature_shape=FEATURE_SHAPE,
         num_classes=NUM_CLASSES,
@@ -172,13 +185,49 @@ def host_data(cohort: int):
     )
 
 
-def _setup(model_name: str, cohort: int, chunk_size: int | None):
-    """Host data, device data, model, simulation and hparams of one R1 configuration."""
+def stock_model(model_name: str):
+    """R1's model written with stock Flax layers, as a user would write it.
+
+    For ``cnn``: ``nn.Conv`` and ``nn.max_pool`` instead of the engine's ``PatchConv`` and
+    ``max_pool_2d`` (same parameters, same function; the layer names match so that the two
+    share parameters). ``mlp`` is the engine's own (stock ``nn.Dense`` layers).
+    """
+    import flax.linen as nn
+
+    import fedjax_dp
+
+    if model_name == "mlp":
+        return fedjax_dp.get_model("mlp", FEATURE_SHAPE, NUM_CLASSES, **MODEL_KWARGS["mlp"])
+
+    class StockCNN(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for i, c in enumerate(CNN_CHANNELS):
+                x = nn.Conv(c, (3, 3), padding="SAME", name=f"PatchConv_{i}")(x)
+                x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2), padding="SAME")
+            x = x.reshape((x.shape[0], -1))
+            return nn.Dense(NUM_CLASSES, name="Dense_0")(x)
+
+    return fedjax_dp.models.from_flax(StockCNN(), FEATURE_SHAPE, NUM_CLASSES)
+
+
+def _setup(model_name: str, cohort: int, chunk_size: int | None, reference: bool = False):
+    """Host data, device data, model, simulation and hparams of one R1 configuration.
+
+    ``chunk_size`` None: chosen by the engine from its memory budget. ``reference``: the
+    straightforward implementation (stock Flax layers, per-example clipping by ``vmap(grad)``)
+    instead of the engine's (ghost clipping, patch convolutions).
+    """
     import fedjax_dp
 
     data = host_data(cohort)
-    model = fedjax_dp.get_model(model_name, FEATURE_SHAPE, NUM_CLASSES, **MODEL_KWARGS[model_name])
-    sim = fedjax_dp.build_simulation(_config(cohort, chunk_size), model, data)
+    if reference:
+        model, clipping = stock_model(model_name), "per_example"
+    else:
+        kwargs = MODEL_KWARGS[model_name]
+        model = fedjax_dp.get_model(model_name, FEATURE_SHAPE, NUM_CLASSES, **kwargs)
+        clipping = "auto"
+    sim = fedjax_dp.build_simulation(_config(cohort, chunk_size, clipping), model, data)
     return data, data.to_device(), model, sim, sim.make_hparams()
 
 
@@ -285,7 +334,7 @@ def _time_engine(model_name: str, setup, rounds: int) -> dict:
         "first_round_s": times[0],
         "round_times_s": times[1:],
         "train_loss": float(metrics["train_loss"]),
-        "chunk_size_effective": min(sim.config.chunk_size or 64, sim.config.cohort_size),
+        "chunk_size_effective": min(sim.config.chunk_size, sim.config.cohort_size),
     }
 
 
@@ -670,7 +719,7 @@ def run_one(
 ) -> dict:
     """Times one (model, cohort, method[, chunk]) configuration in this process.
 
-    ``chunk_size`` None or 0: the engine's default chunk (``min(C, 64)``). The opacus method
+    ``chunk_size`` None or 0: the engine's automatic chunk (from its memory budget). The opacus method
     builds only the host data (no device copy, no simulation), so its peak RSS is torch's.
     """
     import jax
@@ -680,8 +729,8 @@ def run_one(
         setup = (host_data(cohort), cohort)
         result_fn = functools.partial(_time_opacus, torch_threads=torch_threads)
     else:
-        setup = _setup(model_name, cohort, (chunk_size or None) if method == "engine" else None)
-        result_fn = {"engine": _time_engine, "loop": _time_loop}[method]
+        setup = _setup(model_name, cohort, chunk_size or None, reference=method == "loop")
+        result_fn = {"engine": _time_engine, "loop": _time_loop, "loop_fast": _time_loop}[method]
     rss_setup = _maxrss_mib()
     result = result_fn(model_name, setup, rounds)
     rss_peak = _maxrss_mib()
@@ -691,7 +740,7 @@ def run_one(
     row = {
         "model": model_name,
         "cohort": cohort,
-        "population": max(POPULATION, cohort),
+        "population": population(cohort),
         "method": method,
         "chunk_size": result.pop("chunk_size_effective", None),
         "rounds_timed": len(result["round_times_s"]),
@@ -716,15 +765,21 @@ def run_one(
 
 
 def check_engine_vs_loop(model_name: str, cohort: int, chunk_size: int) -> dict:
-    """One round of the engine and of the loop from the same params and key; max |diff|."""
+    """One round of the engine and of the loop from the same params and key; max |diff|.
+
+    The engine runs its fast path (ghost clipping, patch convolutions); the loop runs the
+    reference (stock Flax layers, per-example clipping), so the check covers the batching, the
+    clipping and the layers.
+    """
     import jax
     import numpy as np
 
     _, dev, _, sim, hp = _setup(model_name, cohort, chunk_size)
+    _, _, _, ref_sim, _ = _setup(model_name, cohort, chunk_size, reference=True)
     state = sim.init(jax.random.key(INIT_SEED))
     params0 = _copy_tree(state.params)  # round_fn donates the state
     key = _round_keys(1)[0]
-    loop_round, _ = make_loop_round(sim, cohort)
+    loop_round, _ = make_loop_round(ref_sim, cohort)
     loop_params, loop_loss = loop_round(params0, dev, hp, key)
     new_state, metrics = sim.round_fn(state, dev, hp, key)
     diffs = jax.tree.map(
@@ -775,17 +830,19 @@ def diagnose(model_name: str, reps: int) -> dict:
         loss_fn, max_count=EXAMPLES_PER_CLIENT, batch_size=BATCH_SIZE, local_epochs=LOCAL_EPOCHS
     )
 
-    def clipped_sum(p, xb, yb):
-        """Per-example gradients (vmap of grad), clipped, summed: the engine's DP-SGD core."""
+    from fedjax_dp._src import clipping
 
-        def one(p, x1, y1):
-            return loss_fn(p, x1[None], y1[None])[0]
+    valid = jnp.ones((BATCH_SIZE,), bool)
 
-        g = jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(p, xb, yb)
-        leaves = jax.tree.leaves(g)
-        norms = jnp.sqrt(sum(jnp.sum(jnp.square(v.reshape(v.shape[0], -1)), 1) for v in leaves))
-        scale = jnp.minimum(1.0, EXAMPLE_CLIP_NORM / jnp.maximum(norms, 1e-12))
-        return jax.tree.map(lambda v: jnp.tensordot(scale, v, axes=1), g)
+    def clipped_sum(method):
+        """The clipped sum of one batch's per-example gradients (the DP-SGD core)."""
+
+        def fn(p, xb, yb):
+            return clipping.clipped_grad_sum(
+                loss_fn, p, xb, yb, valid, EXAMPLE_CLIP_NORM, method=method
+            ).summed
+
+        return fn
 
     def noise(k, p):
         leaves, treedef = jax.tree.flatten(p)
@@ -800,8 +857,9 @@ def diagnose(model_name: str, reps: int) -> dict:
     def sgd_step(p, xb, yb):
         return jax.tree.map(lambda a, b: a - CLIENT_LR * b, p, batch_grad(p, xb, yb))
 
-    def dp_step(p, xb, yb):  # DP-SGD step without the noise
-        return jax.tree.map(lambda a, b: a - CLIENT_LR * b / BATCH_SIZE, p, clipped_sum(p, xb, yb))
+    def dp_step(p, xb, yb):  # DP-SGD step without the noise (ghost clipping)
+        g = clipped_sum("auto")(p, xb, yb)
+        return jax.tree.map(lambda a, b: a - CLIENT_LR * b / BATCH_SIZE, p, g)
 
     def scanned(step):
         return lambda p, xs, ys: jax.lax.scan(lambda p, xy: (step(p, *xy), None), p, (xs, ys))[0]
@@ -827,8 +885,13 @@ def diagnose(model_name: str, reps: int) -> dict:
             16,
         ),
         "client update, no DP (1 client)": (nodp.update, (params, dev, cid, key, hp), 1),
-        f"{steps} x per-example grads + clip + sum ({b})": (
-            clipped_sum,
+        f"{steps} x clipped sum, per-example reference ({b})": (
+            clipped_sum("per_example"),
+            (params, x[0], y[0]),
+            1 / steps,
+        ),
+        f"{steps} x clipped sum, ghost ({b})": (
+            clipped_sum("ghost"),
             (params, x[0], y[0]),
             1 / steps,
         ),
@@ -904,6 +967,7 @@ def grid(models, cohorts, methods, chunk_sizes):
 def one_args(model_name, cohort, method, chunk, rounds, matmul_reps) -> list[str]:
     """Command-line arguments of ``python -m benchmarks.r1 --one`` for one configuration."""
     return [
+        f"--population={_POPULATION_OVERRIDE}",
         "--one",
         f"--models={model_name}",
         f"--cohorts={cohort}",
@@ -944,14 +1008,18 @@ def _fmt(v, digits=2):
 
 
 def table(rows: list[dict]) -> str:
-    loop = {
-        (r["model"], r["cohort"]): r["updates_per_s"]
+    """Markdown table of the rows; the engine's ratios to each baseline of the same (model, C)."""
+    base = {
+        (r["model"], r["cohort"], r["method"]): r["updates_per_s"]
         for r in rows
-        if r.get("method") == "loop" and "updates_per_s" in r
+        if r.get("method") != "engine" and "updates_per_s" in r
     }
+    baselines = [m for m in METHODS if m != "engine"]
     head = (
         "| model | C | method | chunk | updates/s | median round s | first round s | compile s "
-        "| peak RSS MiB | GFLOP/s | matmul GFLOP/s | % of matmul | engine/loop |"
+        "| peak RSS MiB | GFLOP/s | matmul GFLOP/s | % of matmul | "
+        + " | ".join(f"x {m}" for m in baselines)
+        + " |"
     )
     out = [head, "|" + "|".join("---" for _ in range(head.count("|") - 1)) + "|"]
     for r in rows:
@@ -959,33 +1027,30 @@ def table(rows: list[dict]) -> str:
             why = r.get("skipped") or r.get("error", "failed")
             out.append(
                 f"| {r['model']} | {r['cohort']} | {r['method']} | {_fmt(r.get('chunk_size'))} "
-                f"| {why.splitlines()[0][:80]} |" + " |" * 8
+                f"| {why.splitlines()[0][:80]} |" + " |" * (7 + len(baselines))
             )
             continue
-        ratio = "-"
-        if r["method"] == "engine" and (r["model"], r["cohort"]) in loop:
-            ratio = f"{r['updates_per_s'] / loop[(r['model'], r['cohort'])]:.2f}"
-        out.append(
-            "| "
-            + " | ".join(
-                [
-                    r["model"],
-                    str(r["cohort"]),
-                    r["method"],
-                    _fmt(r.get("chunk_size")),
-                    _fmt(r["updates_per_s"], 1),
-                    _fmt(r["median_round_s"], 3),
-                    _fmt(r["first_round_s"], 3),
-                    _fmt(r["compile_s"], 2),
-                    _fmt(r["peak_rss_mib"], 0),
-                    _fmt(r["gflops"], 2),
-                    _fmt(r["matmul_gflops"], 1),
-                    f"{100 * r['fraction_of_matmul_peak']:.2f}%",
-                    ratio,
-                ]
-            )
-            + " |"
-        )
+        ratios = []
+        for m in baselines:
+            b = base.get((r["model"], r["cohort"], m))
+            ok = r["method"] == "engine" and b
+            ratios.append(f"{r['updates_per_s'] / b:.2f}" if ok else "-")
+        cells = [
+            r["model"],
+            str(r["cohort"]),
+            r["method"],
+            _fmt(r.get("chunk_size")),
+            _fmt(r["updates_per_s"], 1),
+            _fmt(r["median_round_s"], 3),
+            _fmt(r["first_round_s"], 3),
+            _fmt(r["compile_s"], 2),
+            _fmt(r["peak_rss_mib"], 0),
+            _fmt(r["gflops"], 2),
+            _fmt(r["matmul_gflops"], 1),
+            f"{100 * r['fraction_of_matmul_peak']:.2f}%",
+            *ratios,
+        ]
+        out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -1006,9 +1071,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cohorts", nargs="+", type=int, default=list(FULL_COHORTS))
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument(
-        "--chunk-size", nargs="+", type=int, default=list(FULL_CHUNKS), help="engine chunk sizes"
+        "--chunk-size",
+        nargs="+",
+        type=int,
+        default=list(FULL_CHUNKS),
+        help="engine chunk sizes (0: automatic, from the engine's memory budget)",
     )
     p.add_argument("--rounds", type=int, default=5, help="timed rounds after 1 warm-up round")
+    p.add_argument(
+        "--population",
+        type=int,
+        default=0,
+        help="clients in the population (default max(1024, C)); fix it to compare memory across C",
+    )
     p.add_argument("--matmul-reps", type=int, default=10)
     p.add_argument("--out", type=Path, default=None, help=f"JSON file (default {DEFAULT_OUT})")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")
@@ -1027,6 +1102,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check-one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--check-opacus", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    global _POPULATION_OVERRIDE
+    _POPULATION_OVERRIDE = args.population
 
     if args.one:
         (chunk,) = args.chunk_size
@@ -1070,7 +1147,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = list(grid(args.models, args.cohorts, args.methods, args.chunk_size))
     for i, (model_name, cohort, method, chunk) in enumerate(configs, 1):
         label = f"[{i}/{len(configs)}] {model_name} C={cohort} {method}" + (
-            f" chunk={chunk}" if chunk else ""
+            f" chunk={chunk or 'auto'}" if method == "engine" else ""
         )
         base = {"model": model_name, "cohort": cohort, "method": method, "chunk_size": chunk}
         if method == "opacus" and not have_torch:
@@ -1120,7 +1197,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks.r1 " + " ".join(sys.argv[1:] if argv is None else argv),
         "workload": {
             "data": (
-                "fedjax_dp.data.synthetic_classification(num_clients=max(1024, C), "
+                f"fedjax_dp.data.synthetic_classification(num_clients=max({args.population or POPULATION}, C), "
                 f"examples_per_client={EXAMPLES_PER_CLIENT}, feature_shape={FEATURE_SHAPE}, "
                 f"num_classes={NUM_CLASSES}, seed={DATA_SEED})"
             ),

@@ -11,8 +11,8 @@ smallest C measured (64 by default): 1.0 means the round time grows exactly line
 below 1.0 means larger cohorts are cheaper per client. Note that the population is
 max(1024, C) clients (as in R1), so the data held in memory grows with C above 1024.
 
-The engine chunk size is fixed across C (``--chunk-size``, default 16, the best measured on
-the 2-CPU machine of RESULTS.md; 0 = the engine's default ``min(C, 64)``).
+The engine chunk size is chosen by the engine from its memory budget (``--chunk-size 0``, the
+default; it depends on the model, not on C) or fixed across C (``--chunk-size N``).
 
 Usage::
 
@@ -35,7 +35,7 @@ from pathlib import Path
 from benchmarks import r1
 
 DEFAULT_COHORTS = (64, 128, 256, 512, 1024, 2048, 4096)
-DEFAULT_CHUNK = 16
+DEFAULT_CHUNK = 0  # automatic
 DEFAULT_OUT = Path("benchmarks") / "results" / "scaling.json"
 DEFAULT_PLOT = Path("benchmarks") / "results" / "scaling.png"
 QUICK_OUT = Path("benchmarks") / "results" / "scaling_quick.json"
@@ -160,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", choices=("mlp", "cnn"), default=["mlp"])
     p.add_argument("--cohorts", nargs="+", type=int, default=list(DEFAULT_COHORTS))
     p.add_argument(
-        "--chunk-size", type=int, default=DEFAULT_CHUNK, help="engine chunk (0: min(C, 64))"
+        "--chunk-size",
+        type=int,
+        default=DEFAULT_CHUNK,
+        help="engine chunk (0: automatic, from the memory budget)",
     )
     p.add_argument("--rounds", type=int, default=3, help="timed rounds after 1 warm-up round")
     p.add_argument("--matmul-reps", type=int, default=5)
@@ -233,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "models": {m: r1.MODEL_KWARGS[m] for m in args.models},
             "rounds_timed": args.rounds,
-            "chunk_size": args.chunk_size or "min(C, 64)",
+            "chunk_size": args.chunk_size or "auto",
         },
         "machine": machine,
         "rows": rows,
@@ -247,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     if rows and not args.no_plot:
         loads = [r["loadavg_1min_start"] for r in rows]
         title = (
-            f"R1 engine scaling, chunk {args.chunk_size or 'min(C, 64)'}, median of "
+            f"R1 engine scaling, chunk {args.chunk_size or 'auto'}, median of "
             f"{args.rounds} timed round(s); {machine.get('cpu_count')} CPUs, jax {machine['jax']}; "
             f"1-min load at start {min(loads):.1f}-{max(loads):.1f}"
         )

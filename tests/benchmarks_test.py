@@ -57,7 +57,7 @@ class QuickRunTest(absltest.TestCase):
         self.assertEqual(result["machine"]["cpu_count"], os.cpu_count())
         self.assertIn("jax", result["machine"])
         rows = {row["method"]: row for row in result["rows"]}
-        self.assertEqual(set(rows), {"engine", "loop"})
+        self.assertEqual(set(rows), {"engine", "loop", "loop_fast"})
         for row in rows.values():
             self.assertEqual(row["model"], "mlp")
             self.assertEqual(row["cohort"], 16)
@@ -190,6 +190,17 @@ class OpacusTest(absltest.TestCase):
     @unittest.skipUnless(HAVE_OPACUS, "torch/opacus not installed (pip install -e .[bench])")
     def test_opacus_round_equals_engine_round_cnn(self):
         self._check("cnn")
+
+
+class PrngTest(absltest.TestCase):
+    def test_measure_times_every_implementation(self):
+        from benchmarks import prng
+
+        rows = prng.measure(sizes=(1000,), reps=2)
+        self.assertEqual({r["impl"] for r in rows}, set(prng.IMPLS))
+        for r in rows:
+            self.assertEqual(r["n"], 1000)
+            self.assertGreater(r["normals_per_s"], 0)
 
 
 if __name__ == "__main__":
