@@ -97,7 +97,7 @@ def loop_client_sgd(
     order_key, _ = jax.random.split(key)
     offset = int(data.offsets[client_id])
     count = int(data.counts[client_id])
-    num_steps = -(-epochs * max_count // batch_size)
+    num_steps = epochs * client_lib.steps_per_epoch(max_count, batch_size)
     idx, valid = client_lib._schedule(
         order_key,
         jnp.int32(count),

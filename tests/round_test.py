@@ -103,6 +103,36 @@ class ClientUpdateTest(parameterized.TestCase):
         _testing.assert_trees_close(got, want, rtol=1e-4, atol=1e-6)
         self.assertEqual(float(metrics["num_seen"]), 2 * int(data.counts[client_id]))
 
+    @parameterized.parameters(
+        (5, 8, 4, 2), (5, 5, 4, 3), (1, 6, 4, 2), (3, 3, 8, 2), (32, 32, 8, 1), (7, 9, 3, 4)
+    )
+    def test_each_example_once_per_epoch_never_twice_in_a_batch(
+        self, count, max_count, batch_size, epochs
+    ):
+        # Example-level accounting assumes each example is in exactly `epochs` noised sums,
+        # at most once in each (sensitivity C); a batch spanning two epochs would break it.
+        from fedjax_dp._src import client as client_lib
+
+        num_steps = epochs * client_lib.steps_per_epoch(max_count, batch_size)
+        for seed in range(5):
+            idx, valid = client_lib._schedule(
+                jax.random.key(seed),
+                jnp.int32(count),
+                max_count=max_count,
+                num_steps=num_steps,
+                batch_size=batch_size,
+                num_perms=epochs,
+                epoch_mode=True,
+            )
+            idx, valid = np.asarray(idx), np.asarray(valid)
+            uses = np.zeros(count, int)
+            for s in range(num_steps):
+                rows = idx[s][valid[s]]
+                self.assertEqual(len(set(rows.tolist())), len(rows), f"repeat in batch {s}")
+                self.assertTrue(np.all((rows >= 0) & (rows < count)))
+                uses[rows] += 1
+            np.testing.assert_array_equal(uses, np.full(count, epochs))
+
     def test_examples_outside_the_client_never_leak(self):
         """Neighbouring clients' rows set to NaN: a client's update stays finite and equal."""
         data = _testing.small_data()

@@ -8,7 +8,6 @@ data as a whole.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -114,7 +113,7 @@ def build_client_update(
         raise ValueError(f"clipping_method={clipping_method!r} must be one of {clipping.METHODS}")
     batch_size = int(batch_size)
     if local_epochs is not None:
-        num_steps = math.ceil(int(local_epochs) * max_count / batch_size)
+        num_steps = int(local_epochs) * steps_per_epoch(max_count, batch_size)
         num_perms = int(local_epochs)
     else:
         num_steps, num_perms = int(local_steps), 1
@@ -198,17 +197,34 @@ def build_client_update(
     return ClientUpdate(update, num_steps, batch_size, local_epochs, bool(example_dp))
 
 
+def steps_per_epoch(max_count: int, batch_size: int) -> int:
+    """Local steps of one epoch: ``ceil(max_count / batch_size)`` (the last batch padded)."""
+    return -(-int(max_count) // int(batch_size))
+
+
 def _schedule(key, count, *, max_count, num_steps, batch_size, num_perms, epoch_mode):
-    """Example positions ``int32[S, B]`` within the client and their validity ``bool[S, B]``."""
+    """Example positions ``int32[S, B]`` within the client and their validity ``bool[S, B]``.
+
+    Epoch mode (``num_perms`` epochs): epoch ``e`` owns its own block of
+    ``steps_per_epoch(max_count, batch_size)`` steps and visits a fresh permutation of the
+    client's ``count`` examples, its tail masked. No batch spans two epochs, so every example
+    is in exactly one batch per epoch and never twice in a batch: each example passes
+    through exactly ``num_perms`` noised sums with sensitivity ``C`` (what example-level
+    accounting assumes). Steps mode: the permutations are walked back to back, no masking.
+    """
     slots = jnp.arange(num_steps * batch_size, dtype=jnp.int32)
     count = jnp.maximum(count, 1)
     u = jax.random.uniform(key, (num_perms, max_count))
     u = jnp.where(jnp.arange(max_count) < count, u, 2.0)  # padding sorts last
     perms = jnp.argsort(u, axis=-1).astype(jnp.int32)
-    pass_index = jnp.minimum(slots // count, num_perms - 1)
-    idx = perms[pass_index, slots % count]
     if epoch_mode:
-        valid = slots < count * num_perms
+        per_epoch = steps_per_epoch(max_count, batch_size) * batch_size
+        epoch = jnp.minimum(slots // per_epoch, num_perms - 1)
+        pos = slots % per_epoch
+        idx = perms[epoch, jnp.minimum(pos, max_count - 1)]
+        valid = pos < count
     else:
+        pass_index = jnp.minimum(slots // count, num_perms - 1)
+        idx = perms[pass_index, slots % count]
         valid = jnp.ones_like(slots, dtype=bool)
     return idx.reshape(num_steps, batch_size), valid.reshape(num_steps, batch_size)
