@@ -8,30 +8,67 @@ A federated round is one pure function compiled once::
 """
 
 from fedjax_dp import accounting
-from fedjax_dp._src import data, distributed, models, population, sampling
-from fedjax_dp._src.aggregation import add_gaussian_noise, clip_per_client
+from fedjax_dp._src import (
+    attacks,
+    audit,
+    data,
+    distributed,
+    models,
+    population,
+    sampling,
+    sources,
+)
+from fedjax_dp._src.aggregation import (
+    AdaptiveClipState,
+    adaptive_clipping,
+    add_gaussian_noise,
+    add_laplace_noise,
+    add_local_gaussian_noise,
+    clip_per_client,
+    clip_per_layer,
+    value_noise_multiplier,
+)
 from fedjax_dp._src.algorithms import (
     ALGORITHMS,
+    MECHANISMS,
     AlgorithmConfig,
     Simulation,
     build_simulation,
     check_hparams,
     resolve,
 )
-from fedjax_dp._src.base import DPTransform, EmptyState, RoundTransform, chain, identity
+from fedjax_dp._src.base import (
+    DPTransform,
+    EmptyState,
+    RoundTransform,
+    chain,
+    identity,
+    sensitivity_value,
+)
 from fedjax_dp._src.client import ClientUpdate, build_client_update
 from fedjax_dp._src.data import FederatedData, from_arrays, load_digits, make_federated, partition
 from fedjax_dp._src.evaluation import evaluate
 from fedjax_dp._src.models import Model, cross_entropy, from_flax, get_model, register_model
 from fedjax_dp._src.round import Round, ServerState, build_round
+from fedjax_dp._src.sources import (
+    DataNotFoundError,
+    SyntheticData,
+    fedprox_synthetic,
+    from_folder,
+    from_table,
+    load_tfds,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ALGORITHMS",
+    "MECHANISMS",
+    "AdaptiveClipState",
     "AlgorithmConfig",
     "ClientUpdate",
     "DPTransform",
+    "DataNotFoundError",
     "EmptyState",
     "FederatedData",
     "Model",
@@ -39,23 +76,34 @@ __all__ = [
     "RoundTransform",
     "ServerState",
     "Simulation",
+    "SyntheticData",
     "accounting",
+    "adaptive_clipping",
     "add_gaussian_noise",
+    "add_laplace_noise",
+    "add_local_gaussian_noise",
+    "attacks",
+    "audit",
     "build_client_update",
     "build_round",
     "build_simulation",
     "chain",
     "check_hparams",
     "clip_per_client",
+    "clip_per_layer",
     "cross_entropy",
     "data",
     "distributed",
     "evaluate",
+    "fedprox_synthetic",
     "from_arrays",
     "from_flax",
+    "from_folder",
+    "from_table",
     "get_model",
     "identity",
     "load_digits",
+    "load_tfds",
     "make_federated",
     "models",
     "partition",
@@ -63,4 +111,7 @@ __all__ = [
     "register_model",
     "resolve",
     "sampling",
+    "sensitivity_value",
+    "sources",
+    "value_noise_multiplier",
 ]

@@ -38,7 +38,8 @@ at a static size and drops the overflow is outside it (``dp_accounting`` models 
 
 **Example level** (``unit="example"``, DP-SGD inside every client). In each local step the
 per-example gradients are clipped to ``C_ex``, summed, and ``N(0, (sigma_ex C_ex)^2 I)`` is added;
-every example is used in exactly ``E`` local steps per round (``compositions=E``). Neighbouring
+every example is used in exactly ``E`` local steps per round (``compositions=E``), at most once in
+each (guaranteed by the client's batch schedule; see ``docs/privacy.md``). Neighbouring
 datasets differ by the *zero-out* relation (``REPLACE_SPECIAL``): one example is replaced by a null
 example with zero gradient, so client dataset sizes (hence batch schedules) are public. Within a
 round in which its client participates, an example passes through ``E`` adaptive Gaussian
@@ -70,6 +71,34 @@ under-report epsilon, by a large factor for small ``p``. Hence, per round:
 returns the event conditioned on participation (E Gaussians), an upper bound for the round that
 ignores client sampling. With ``p = 1`` the two coincide.
 
+Other user-level mechanisms (``RoundPrivacy.mechanism``)
+=========================================================
+
+* ``"gaussian"`` (default): the user-level analysis above. Adaptive clipping (Andrew et al.
+  2021) is this case too: its round releases the clipped sum and the centred clipped count as
+  one Gaussian mechanism with the round's total noise multiplier ``z``
+  (:func:`fedjax_dp.adaptive_clipping`); per-layer clipping is the Gaussian mechanism over the
+  combined sensitivity ``sqrt(sum_g C_g^2)`` (:func:`fedjax_dp.clip_per_layer`).
+* ``"laplace"``: each delta is clipped to L1 norm ``C`` and Laplace noise of scale
+  ``b = sigma C`` is added to the sum, a pure ``eps_0 = 1 / sigma`` mechanism under add/remove
+  of one user (``LaplaceDpEvent(sigma)``). Poisson: ``PoissonSampledDpEvent(q,
+  LaplaceDpEvent(sigma))`` with PLD; the RDP accountant (``dp_accounting`` has no RDP bound for
+  sampled Laplace) accounts the UNSAMPLED ``LaplaceDpEvent(sigma)``, a valid upper bound.
+  Fixed size: replace-one, L1 sensitivity ``2C``, so ``LaplaceDpEvent(sigma / 2)`` without
+  sampling amplification (RDP only, like the Gaussian fixed-size case). Rounds that are all
+  Laplace also satisfy pure DP by basic composition, ``sum_t eps_t`` with ``eps_t = 1 / sigma``
+  (``log(1 + q (e^{1/sigma} - 1))`` with Poisson rate ``q``, the amplification of pure DP by
+  Poisson sampling under add/remove; ``2 / sigma`` for fixed size); the accountant reports the
+  smaller of that and its RDP/PLD epsilon (both are upper bounds).
+* ``"local_gaussian"`` (local DP): every client adds ``N(0, (sigma C)^2 I)`` to its own update
+  clipped to L2 norm ``C``. The guarantee is per client, for its released updates, with respect
+  to replacing that client's data by any other data (``neighboring_relation =
+  "local_replace_one_user"``): L2 sensitivity ``2C``, so each release is
+  ``GaussianDpEvent(sigma / 2)``. EVERY round is counted (the client may take part in all of
+  them; no amplification by sampling, which an observer of the client's upload does not
+  enjoy, and none by aggregation, which the local model does not trust). Not comparable with
+  central epsilons.
+
 Accountants and conversions
 ===========================
 
@@ -85,6 +114,22 @@ Accountants and conversions
   ``dp_accounting``'s default); tighter than RDP.
 
 A round with ``noise_multiplier=0`` is not private: epsilon is ``inf`` from then on.
+
+Calibration, noise schedules and the noise-cohort trick
+=======================================================
+
+* :func:`calibrate` inverts the accountant: the smallest noise multiplier (within a relative
+  ``tolerance``) whose epsilon at ``delta`` after ``rounds`` rounds is at most the target, never
+  above it. It runs ``dp_accounting``'s ``calibrate_dp_mechanism`` on :class:`Accountant`, so
+  it covers every case above, including the example-level bound that has no ``DpEvent``.
+* :func:`noise_schedule` gives per-round noise multipliers (constant, linear or geometric, in
+  ``stages`` blocks); :func:`privacy_schedule` turns them into ``(RoundPrivacy, count)`` pairs,
+  accounted as a heterogeneous composition (RDP vectors add up; PLDs are convolved). A
+  schedule's epsilon lies between those of the constant schedules at its smallest and largest
+  noise multiplier. :func:`calibrate` with ``noise_profile`` scales a whole schedule.
+* :func:`noise_cohort` (user level, Gaussian): the simulation adds the noise that makes the noise
+  on the mean update equal to that of a larger deployment, and the deployment's rounds are what
+  is accounted. That epsilon is NOT a guarantee of the simulated run; see the function.
 """
 
 from __future__ import annotations
@@ -98,6 +143,7 @@ from typing import Any
 
 import dp_accounting
 import numpy as np
+from dp_accounting import mechanism_calibration as _calibration
 from dp_accounting.pld import privacy_loss_distribution as _pld_lib
 from dp_accounting.rdp import rdp_privacy_accountant as _rdp_lib
 
@@ -114,12 +160,18 @@ class _DropOrderExclusionNotices(logging.Filter):
 logging.getLogger("absl").addFilter(_DropOrderExclusionNotices())
 
 __all__ = [
+    "MIN_CALIBRATED_NOISE_MULTIPLIER",
     "PLD_VALUE_DISCRETIZATION_INTERVAL",
     "RDP_ORDERS",
+    "SCHEDULE_KINDS",
     "Accountant",
     "RoundPrivacy",
+    "calibrate",
     "classic_rdp_epsilon",
     "epsilon",
+    "noise_cohort",
+    "noise_schedule",
+    "privacy_schedule",
 ]
 
 #: RDP orders: ``dp_accounting``'s defaults (1.1..10.9 step 0.1, 11..63, 128, 256, 512, 1024) plus
@@ -137,6 +189,7 @@ PLD_VALUE_DISCRETIZATION_INTERVAL: float = 1e-4
 
 _SAMPLINGS = ("poisson", "fixed")
 _UNITS = ("user", "example")
+_MECHANISMS = ("gaussian", "laplace", "local_gaussian")
 _ACCOUNTANTS = ("rdp", "pld")
 _CONVERSIONS = ("improved", "classic")
 _STATE_VERSION = 1
@@ -192,6 +245,10 @@ class RoundPrivacy:
       compositions: ``E``, how many Gaussian mechanisms each protected unit passes through per
         round (``1`` for user level, the number of local epochs for example level).
       unit: ``"user"`` or ``"example"``, the unit of protection.
+      mechanism: ``"gaussian"`` (default), ``"laplace"`` (``noise_multiplier`` is the Laplace
+        scale divided by the L1 clip norm) or ``"local_gaussian"`` (every client noises its own
+        update; a per-client local-DP guarantee). The last two need ``unit="user"`` and
+        ``compositions=1``; see the module docstring.
     """
 
     noise_multiplier: float
@@ -201,6 +258,7 @@ class RoundPrivacy:
     cohort_size: int | None = None
     compositions: int = 1
     unit: str = "user"
+    mechanism: str = "gaussian"
 
     def __post_init__(self) -> None:
         sigma = self.noise_multiplier
@@ -215,6 +273,14 @@ class RoundPrivacy:
             raise ValueError(f"sampling={self.sampling!r} must be one of {_SAMPLINGS}")
         if self.unit not in _UNITS:
             raise ValueError(f"unit={self.unit!r} must be one of {_UNITS}")
+        if self.mechanism not in _MECHANISMS:
+            raise ValueError(f"mechanism={self.mechanism!r} must be one of {_MECHANISMS}")
+        if self.mechanism != "gaussian" and (self.unit != "user" or self.compositions != 1):
+            raise ValueError(
+                f"mechanism={self.mechanism!r} is a user-level mechanism applied once per round: "
+                f"it needs unit='user' and compositions=1 (got unit={self.unit!r}, "
+                f"compositions={self.compositions!r})"
+            )
         if not _is_int(self.num_clients) or self.num_clients < 1:
             raise ValueError(f"num_clients={self.num_clients!r} must be an integer >= 1")
         object.__setattr__(self, "num_clients", int(self.num_clients))
@@ -271,9 +337,27 @@ class RoundPrivacy:
         """The neighbouring relation the epsilon of this kind of round refers to."""
         if self.unit == "example":
             return "zero_out_example"
+        if self.mechanism == "local_gaussian":
+            return "local_replace_one_user"
         if self.sampling == "poisson":
             return "add_or_remove_one_user"
         return "replace_one_user"
+
+    @property
+    def pure_epsilon(self) -> float | None:
+        """For ``mechanism="laplace"``: the round's pure-DP epsilon (``delta = 0``), else None.
+
+        ``1 / sigma`` amplified by Poisson sampling to ``log(1 + q (exp(1 / sigma) - 1))``
+        (add/remove); ``2 / sigma`` for fixed size (replace-one, L1 sensitivity ``2C``, no
+        amplification claimed); ``inf`` for ``sigma = 0``.
+        """
+        if self.mechanism != "laplace":
+            return None
+        if self.noise_multiplier == 0:
+            return math.inf
+        if self.sampling == "poisson":
+            return math.log1p(float(self.sampling_rate) * math.expm1(1.0 / self.noise_multiplier))
+        return 2.0 / self.noise_multiplier
 
     def dp_event(self) -> dp_accounting.DpEvent:
         """Returns one round's ``dp_accounting`` event.
@@ -288,9 +372,21 @@ class RoundPrivacy:
           self-composed ``E`` times (zero-out one example). It ignores client sampling and so
           upper-bounds the round; :class:`Accountant` uses the tighter participation-revealed
           bound described in the module docstring, for which ``dp_accounting`` has no event.
+        * ``mechanism="laplace"``: Poisson ``PoissonSampledDpEvent(q, LaplaceDpEvent(sigma))``
+          (add/remove); fixed size ``LaplaceDpEvent(sigma / 2)`` (replace-one, no sampling).
+        * ``mechanism="local_gaussian"``: ``GaussianDpEvent(sigma / 2)`` for every round, whatever
+          the sampling (one client's release, replace its data: sensitivity ``2C``).
         """
         if self.noise_multiplier == 0:
             return dp_accounting.NonPrivateDpEvent()
+        if self.mechanism == "local_gaussian":
+            return dp_accounting.GaussianDpEvent(self.noise_multiplier / 2.0)
+        if self.mechanism == "laplace":
+            if self.sampling == "poisson":
+                return dp_accounting.PoissonSampledDpEvent(
+                    float(self.sampling_rate), dp_accounting.LaplaceDpEvent(self.noise_multiplier)
+                )
+            return dp_accounting.LaplaceDpEvent(self.noise_multiplier / 2.0)
         if self.unit == "example":
             gaussian = dp_accounting.GaussianDpEvent(self.noise_multiplier)
             if self.compositions == 1:
@@ -364,6 +460,16 @@ def _example_rdp(rp: RoundPrivacy, orders: np.ndarray) -> np.ndarray:
 def _round_pld(rp: RoundPrivacy) -> _pld_lib.PrivacyLossDistribution:
     """One round's privacy loss distribution (``noise_multiplier > 0``)."""
     vdi = PLD_VALUE_DISCRETIZATION_INTERVAL
+    if rp.mechanism == "local_gaussian":
+        return _pld_lib.from_gaussian_mechanism(
+            standard_deviation=rp.noise_multiplier / 2.0, value_discretization_interval=vdi
+        )
+    if rp.mechanism == "laplace":  # Poisson only (fixed-size user-level rounds are refused)
+        return _pld_lib.from_laplace_mechanism(
+            parameter=rp.noise_multiplier,
+            value_discretization_interval=vdi,
+            sampling_prob=float(rp.sampling_rate),
+        )
     if rp.unit == "user":
         # Mirrors dp_accounting.pld.PLDAccountant on PoissonSampledDpEvent(q, GaussianDpEvent).
         return _pld_lib.from_gaussian_mechanism(
@@ -483,6 +589,7 @@ class Accountant:
             self._accountant == "pld"
             and round_privacy.unit == "user"
             and round_privacy.sampling == "fixed"
+            and round_privacy.mechanism != "local_gaussian"
             and round_privacy.noise_multiplier > 0
         ):
             raise ValueError(
@@ -512,15 +619,23 @@ class Accountant:
             return 0.0
         if any(rp.noise_multiplier == 0 for rp, _ in self._schedule):
             return math.inf
-        if self._accountant == "rdp":
-            return self._rdp_epsilon()
-        return self._pld_epsilon()
+        eps = self._rdp_epsilon() if self._accountant == "rdp" else self._pld_epsilon()
+        if all(rp.mechanism == "laplace" for rp, _ in self._schedule):
+            # Pure DP composes additively (delta = 0); both bounds hold, report the smaller.
+            eps = min(eps, math.fsum(count * rp.pure_epsilon for rp, count in self._schedule))
+        return eps
 
     def _round_rdp(self, rp: RoundPrivacy) -> np.ndarray:
         if rp not in self._rdp_cache:
             orders = np.asarray(RDP_ORDERS, dtype=np.float64)
             if rp.unit == "example":
                 self._rdp_cache[rp] = _example_rdp(rp, orders)
+            elif rp.mechanism == "laplace" and rp.sampling == "poisson":
+                # dp_accounting has no RDP bound for sampled Laplace: the unsampled mechanism
+                # upper-bounds it (sampling never hurts under add/remove).
+                acc = _rdp_lib.RdpAccountant(list(RDP_ORDERS), _NeighborRel.ADD_OR_REMOVE_ONE)
+                acc.compose(dp_accounting.LaplaceDpEvent(rp.noise_multiplier))
+                self._rdp_cache[rp] = acc.rdp
             else:
                 relation = (
                     _NeighborRel.ADD_OR_REMOVE_ONE
@@ -627,3 +742,416 @@ def epsilon(
                 )
             acc.compose(item[0], item[1])
     return acc.epsilon()
+
+
+# ----------------------------------------------------------------------------- calibration,
+# noise schedules and the noise-cohort trick
+
+#: The kinds of :func:`noise_schedule`.
+SCHEDULE_KINDS: tuple[str, ...] = ("constant", "linear", "geometric")
+
+#: :func:`calibrate` does not search below this noise multiplier.
+MIN_CALIBRATED_NOISE_MULTIPLIER: float = 1e-4
+
+# Epsilon reported to dp_accounting's calibration helper in place of larger values (inf): its
+# root finder needs finite values; any cap above the target keeps the sign of epsilon - target.
+_EPSILON_CAP = 1e12
+
+
+def _check_positive_finite(name: str, value: Any) -> float:
+    if not _is_real(value) or not 0.0 < float(value) < math.inf:
+        raise ValueError(f"{name}={value!r} must be a finite number > 0")
+    return float(value)
+
+
+def _check_count(name: str, value: Any, minimum: int = 1) -> int:
+    if not _is_int(value) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+    return int(value)
+
+
+def noise_schedule(
+    kind: str,
+    *,
+    start: float,
+    end: float | None = None,
+    rounds: int,
+    stages: int | None = None,
+) -> tuple[float, ...]:
+    """Per-round noise multipliers that move from ``start`` to ``end`` over ``rounds`` rounds.
+
+    The rounds are split into ``S = min(stages, rounds)`` consecutive blocks of (nearly) equal
+    length; round ``t`` (0-based) is in stage ``s = floor(t * S / rounds)`` and gets:
+
+    =============  ====================================================
+    kind           noise multiplier of stage ``s``
+    =============  ====================================================
+    ``constant``   ``start`` (``end`` must be ``None`` or ``start``)
+    ``linear``     ``start + (end - start) * s / (S - 1)``
+    ``geometric``  ``start * (end / start) ** (s / (S - 1))``
+    =============  ====================================================
+
+    The first stage is exactly ``start`` and the last exactly ``end``; with ``S = 1`` every round
+    gets ``start``. ``end < start`` decays the noise (each later round spends more of the budget),
+    ``end > start`` grows it. The rounds are accounted as a heterogeneous composition
+    (:func:`privacy_schedule`). Each distinct value costs the accountant one computation (about
+    0.05 s with RDP, more with PLD, for every evaluation of :func:`calibrate`), so a schedule with a
+    few stages is much cheaper to account and calibrate than one that changes every round.
+
+    Args:
+      kind: one of :data:`SCHEDULE_KINDS`.
+      start: the noise multiplier of the first round, finite and ``> 0``.
+      end: the noise multiplier of the last round, finite and ``> 0`` (``None``: ``start``).
+      rounds: the number of rounds, ``>= 1``.
+      stages: the number of distinct values (``None``: ``rounds``, a new value every round).
+
+    Returns:
+      A tuple of ``rounds`` noise multipliers.
+
+    Raises:
+      ValueError: naming the invalid argument.
+
+    Examples:
+      >>> noise_schedule("linear", start=2.0, end=1.0, rounds=6, stages=3)
+      (2.0, 2.0, 1.5, 1.5, 1.0, 1.0)
+    """
+    if kind not in SCHEDULE_KINDS:
+        raise ValueError(f"kind={kind!r} must be one of {SCHEDULE_KINDS}")
+    start = _check_positive_finite("start", start)
+    end = start if end is None else _check_positive_finite("end", end)
+    rounds = _check_count("rounds", rounds)
+    stages = rounds if stages is None else _check_count("stages", stages)
+    if kind == "constant" and end != start:
+        raise ValueError(f"end={end!r} must be None or equal start={start!r} for kind='constant'")
+    num_stages = min(stages, rounds)
+    if num_stages == 1 or kind == "constant":
+        values = [start]
+    elif kind == "linear":
+        values = [start + (end - start) * s / (num_stages - 1) for s in range(num_stages)]
+    else:
+        values = [start * (end / start) ** (s / (num_stages - 1)) for s in range(num_stages)]
+    if len(values) > 1:
+        values[-1] = end
+    return tuple(values[(t * len(values)) // rounds] for t in range(rounds))
+
+
+def privacy_schedule(
+    round_privacy: RoundPrivacy, noise_multipliers: Sequence[float]
+) -> list[tuple[RoundPrivacy, int]]:
+    """``round_privacy`` with one noise multiplier per round, as ``(RoundPrivacy, count)`` pairs.
+
+    Consecutive rounds with equal noise multipliers are merged into one pair. The result is a
+    heterogeneous schedule for :func:`epsilon` (or for :meth:`Accountant.compose`, pair by pair);
+    everything but the noise multiplier is taken from ``round_privacy``.
+
+    Args:
+      round_privacy: the description of every round (its ``noise_multiplier`` is replaced).
+      noise_multipliers: one noise multiplier per round, e.g. from :func:`noise_schedule`.
+
+    Returns:
+      A list of ``(RoundPrivacy, count)`` pairs whose counts sum to ``len(noise_multipliers)``.
+
+    Examples:
+      >>> rp = RoundPrivacy(1.0, "poisson", 1000, sampling_rate=0.01)
+      >>> [(p.noise_multiplier, n) for p, n in privacy_schedule(rp, [2.0, 2.0, 1.0])]
+      [(2.0, 2), (1.0, 1)]
+    """
+    if not isinstance(round_privacy, RoundPrivacy):
+        raise ValueError(f"round_privacy={round_privacy!r} must be a RoundPrivacy instance")  # noqa: TRY004
+    out: list[tuple[RoundPrivacy, int]] = []
+    previous, count = None, 0
+    for sigma in noise_multipliers:
+        if previous is not None and sigma == previous:
+            count += 1
+            continue
+        if previous is not None:
+            out.append((dataclasses.replace(round_privacy, noise_multiplier=previous), count))
+        previous, count = sigma, 1
+    if previous is not None:
+        out.append((dataclasses.replace(round_privacy, noise_multiplier=previous), count))
+    return out
+
+
+class _ScheduleEvent(dp_accounting.DpEvent):
+    """A schedule of ``(RoundPrivacy, count)`` pairs, readable only by :class:`_OurAccountant`.
+
+    Lets :func:`dp_accounting.mechanism_calibration.calibrate_dp_mechanism` drive this module's
+    :class:`Accountant`, whose example-level analysis has no ``dp_accounting`` event.
+    """
+
+    def __init__(self, schedule: tuple[tuple[RoundPrivacy, int], ...]) -> None:
+        object.__setattr__(self, "schedule", tuple(schedule))  # DpEvent is a frozen attrs class
+
+
+class _OurAccountant(dp_accounting.PrivacyAccountant):
+    """:class:`Accountant` behind ``dp_accounting``'s ``PrivacyAccountant`` interface.
+
+    ``epsilon_of`` maps a schedule (a tuple of ``(RoundPrivacy, count)``) to its epsilon at the
+    accountant's delta; :func:`calibrate` passes a memoised :class:`Accountant` evaluation.
+    """
+
+    def __init__(self, delta: float, epsilon_of: Any) -> None:
+        # The relation is nominal: the epsilon refers to the rounds' own relation
+        # (RoundPrivacy.neighboring_relation).
+        super().__init__(_NeighborRel.ADD_OR_REMOVE_ONE)
+        self._delta = delta
+        self._epsilon_of = epsilon_of
+        self._schedule: list[tuple[RoundPrivacy, int]] = []
+
+    def _maybe_compose(self, event, count, do_compose):
+        if isinstance(event, dp_accounting.NoOpDpEvent):
+            return None
+        if not isinstance(event, _ScheduleEvent):
+            return self.CompositionErrorDetails(event, "only fedjax_dp round schedules")
+        if do_compose:
+            self._schedule.extend((rp, n * count) for rp, n in event.schedule)
+        return None
+
+    def get_epsilon(self, target_delta: float) -> float:
+        if target_delta != self._delta:
+            raise ValueError(f"target_delta={target_delta!r} differs from {self._delta!r}")
+        return self._epsilon_of(tuple(self._schedule))
+
+
+def calibrate(
+    target_epsilon: float,
+    *,
+    delta: float,
+    rounds: int,
+    sampling: str,
+    num_clients: int,
+    sampling_rate: float | None = None,
+    cohort_size: int | None = None,
+    unit: str = "user",
+    compositions: int = 1,
+    accountant: str = "rdp",
+    conversion: str = "improved",
+    noise_profile: Sequence[float] | None = None,
+    tolerance: float = 1e-3,
+    max_noise_multiplier: float = 1e4,
+    mechanism: str = "gaussian",
+) -> float:
+    """The smallest noise multiplier whose epsilon at ``delta`` is at most ``target_epsilon``.
+
+    The rounds are those of :class:`RoundPrivacy` with the given ``sampling``, ``num_clients``,
+    ``sampling_rate``, ``cohort_size``, ``unit`` and ``compositions``, accounted by
+    :class:`Accountant` (``accountant``, ``conversion``), so the epsilon refers to the
+    neighbouring relation of those rounds (:attr:`RoundPrivacy.neighboring_relation`; see the
+    module docstring). ``rounds`` homogeneous rounds, or, with ``noise_profile``, a heterogeneous
+    schedule in which round ``t`` has noise multiplier ``sigma * noise_profile[t]``; the
+    calibrated value is then the scale ``sigma`` (the first round's noise multiplier when
+    ``noise_profile[0] == 1``, as for :func:`noise_schedule` with ``start=1``).
+
+    The search runs ``dp_accounting``'s
+    :func:`~dp_accounting.mechanism_calibration.calibrate_dp_mechanism` (Brent's method, then
+    a check that the result is within budget) on ``log(sigma)`` with this module's accountant.
+    Epsilon decreases as sigma grows, so the result ``sigma`` satisfies
+
+    * ``epsilon(sigma) <= target_epsilon`` (never above the target), and
+    * ``sigma <= (1 + tolerance) * sigma_min``, where ``sigma_min`` is the smallest noise
+      multiplier meeting the target as computed by the accountant (up to floating-point
+      rounding of ``exp``).
+
+    Args:
+      target_epsilon: the epsilon to meet, finite and ``> 0``.
+      delta: the delta in ``(0, 1)``.
+      rounds: the number of rounds, ``>= 1``.
+      sampling: ``"poisson"`` or ``"fixed"``.
+      num_clients: the population size.
+      sampling_rate: ``q`` for ``sampling="poisson"``.
+      cohort_size: the cohort size for ``sampling="fixed"``.
+      unit: ``"user"`` or ``"example"``.
+      compositions: Gaussian mechanisms per protected unit and round (local epochs for
+        ``unit="example"``).
+      accountant: ``"rdp"`` or ``"pld"``.
+      conversion: ``"improved"`` or ``"classic"`` (RDP only).
+      noise_profile: optional per-round factors (``rounds`` finite values ``> 0``).
+      tolerance: relative tolerance of the result, in ``(0, 1)``.
+      max_noise_multiplier: the largest noise multiplier searched (of the scale ``sigma``).
+      mechanism: the rounds' ``RoundPrivacy.mechanism`` (``"gaussian"``, the default, or another
+        user-level mechanism; see the module docstring).
+
+    Returns:
+      The noise multiplier (a float ``>= MIN_CALIBRATED_NOISE_MULTIPLIER``; if even that meets
+      the target, it is returned).
+
+    Raises:
+      ValueError: an invalid argument (named in the message), or ``target_epsilon`` is not
+        reachable with ``noise_multiplier <= max_noise_multiplier`` (e.g. a target below what
+        the accountant can certify for any noise).
+
+    Examples:
+      >>> sigma = calibrate(3.0, delta=1e-5, rounds=14063, sampling="poisson",
+      ...                   num_clients=60000, sampling_rate=256 / 60000, conversion="classic")
+      >>> round(sigma, 2)
+      1.1
+    """
+    if not _is_real(target_epsilon) or not 0.0 < float(target_epsilon) < math.inf:
+        raise ValueError(f"target_epsilon={target_epsilon!r} must be a finite number > 0")
+    target = float(target_epsilon)
+    delta = _check_delta(delta)
+    _check_accountant_and_conversion(accountant, conversion)
+    rounds = _check_count("rounds", rounds)
+    if not _is_real(tolerance) or not 0.0 < float(tolerance) < 1.0:
+        raise ValueError(f"tolerance={tolerance!r} must be in (0, 1) (relative)")
+    max_sigma = _check_positive_finite("max_noise_multiplier", max_noise_multiplier)
+    if max_sigma < MIN_CALIBRATED_NOISE_MULTIPLIER:
+        raise ValueError(
+            f"max_noise_multiplier={max_noise_multiplier!r} must be >= "
+            f"{MIN_CALIBRATED_NOISE_MULTIPLIER}"
+        )
+    template = RoundPrivacy(
+        1.0,
+        sampling,
+        num_clients,
+        sampling_rate=sampling_rate,
+        cohort_size=cohort_size,
+        compositions=compositions,
+        unit=unit,
+        **({} if mechanism == "gaussian" else {"mechanism": mechanism}),
+    )
+    if noise_profile is None:
+        profile = None
+    else:
+        profile = [float(f) if _is_real(f) else f for f in noise_profile]
+        if len(profile) != rounds:
+            raise ValueError(
+                f"noise_profile has {len(profile)} values; it needs one per round (rounds={rounds})"
+            )
+        bad = [f for f in profile if not _is_real(f) or not 0.0 < f < math.inf]
+        if bad:
+            raise ValueError(f"noise_profile has {bad[0]!r}; every factor must be finite and > 0")
+    # Validates the combination (e.g. PLD with fixed-size user-level rounds) before searching.
+    Accountant(delta=delta, accountant=accountant, conversion=conversion).compose(template)
+
+    def schedule_at(sigma: float) -> tuple[tuple[RoundPrivacy, int], ...]:
+        if profile is None:
+            return ((dataclasses.replace(template, noise_multiplier=sigma), rounds),)
+        return tuple(privacy_schedule(template, [sigma * f for f in profile]))
+
+    epsilons: dict[tuple[tuple[RoundPrivacy, int], ...], float] = {}
+
+    def epsilon_of(schedule: tuple[tuple[RoundPrivacy, int], ...]) -> float:
+        if schedule not in epsilons:
+            acc = Accountant(delta=delta, accountant=accountant, conversion=conversion)
+            for rp, n in schedule:
+                acc.compose(rp, n)
+            epsilons[schedule] = acc.epsilon()
+        return epsilons[schedule]
+
+    def epsilon_at(sigma: float) -> float:
+        return epsilon_of(schedule_at(sigma))
+
+    # An explicit bracket [lo, hi] with epsilon(lo) > target >= epsilon(hi), by doubling.
+    hi = min(1.0, max_sigma)
+    lo = hi
+    if epsilon_at(hi) > target:
+        while epsilon_at(hi) > target:
+            if hi >= max_sigma:
+                raise ValueError(
+                    f"target_epsilon={target!r} is not reachable with noise_multiplier <= "
+                    f"max_noise_multiplier={max_sigma!r} (epsilon there is {epsilon_at(hi):.4g} "
+                    f"at delta={delta!r} over {rounds} rounds); raise max_noise_multiplier, or "
+                    "choose a larger target_epsilon, fewer rounds or a smaller sampling rate"
+                )
+            lo, hi = hi, min(2.0 * hi, max_sigma)
+    else:
+        while epsilon_at(lo) <= target:
+            if lo <= MIN_CALIBRATED_NOISE_MULTIPLIER:
+                return lo
+            hi, lo = lo, max(lo / 2.0, MIN_CALIBRATED_NOISE_MULTIPLIER)
+
+    cap = max(_EPSILON_CAP, 2.0 * target)
+
+    def make_event(log_sigma: float) -> _ScheduleEvent:
+        return _ScheduleEvent(schedule_at(math.exp(log_sigma)))
+
+    log_sigma = _calibration.calibrate_dp_mechanism(
+        lambda: _OurAccountant(delta, lambda sch: min(epsilon_of(sch), cap)),
+        make_event,
+        target,
+        delta,
+        bracket_interval=_calibration.ExplicitBracketInterval(math.log(lo), math.log(hi)),
+        tol=math.log1p(float(tolerance)),
+    )
+    sigma = math.exp(log_sigma)
+    if not epsilon_at(sigma) <= target:  # calibrate_dp_mechanism guarantees this; never relax it
+        raise RuntimeError(
+            f"calibration returned noise_multiplier={sigma!r} with epsilon "
+            f"{epsilon_at(sigma)!r} > target_epsilon={target!r}"
+        )
+    return sigma
+
+
+def noise_cohort(
+    simulated: RoundPrivacy, *, noise_cohort_size: int, population: int | None = None
+) -> tuple[float, RoundPrivacy]:
+    """The noise-cohort trick: simulate a small cohort with the noise of a larger deployment.
+
+    DP-FedAvg practice (McMahan, Ramage, Talwar, Zhang, ICLR 2018): experiments run with an
+    expected cohort of ``m`` clients, but the Gaussian noise is scaled so that the noise on the
+    *mean* update equals that of a deployment with an expected cohort of
+    ``M = noise_cohort_size`` clients and noise multiplier ``sigma``: the engine divides the
+    noisy sum by ``m``, so the simulation adds ``N(0, (sigma_sim C)^2)`` with
+    ``sigma_sim = sigma * m / M``, and the noise on the mean is ``N(0, (sigma C / M)^2)`` as in
+    the deployment. The signal-to-noise ratio of the mean is then roughly the deployment's (the
+    mean of ``m`` clipped deltas estimates the mean of ``M``).
+
+    What is accounted: the returned :class:`RoundPrivacy` describes the *deployment*: noise
+    multiplier ``sigma`` (``simulated.noise_multiplier``), population ``N'`` (``population``,
+    or by default the simulated population scaled by ``M / m``, which keeps the sampling rate)
+    and either Poisson sampling with rate ``M / N'`` or a fixed cohort of ``M`` out of ``N'``.
+    Its epsilon is a statement about that larger deployment, not about the simulated run. The
+    simulated run itself adds only ``sigma_sim`` and is protected at the (much weaker) level of
+    ``dataclasses.replace(simulated, noise_multiplier=sigma_sim)``.
+
+    Args:
+      simulated: the simulated round (``unit="user"``) with the deployment's noise multiplier.
+      noise_cohort_size: ``M``, the deployment's (expected) cohort size; at least the
+        simulated expected cohort ``m``.
+      population: ``N'``, the deployment's population, ``>= M`` (``None``: ``round(N M / m)``).
+
+    Returns:
+      ``(sigma_sim, deployment)``: the noise multiplier the simulation must add, and the
+      deployment's :class:`RoundPrivacy` to account.
+
+    Raises:
+      ValueError: naming the invalid argument (example-level rounds are refused: their noise
+        is added per client and local step, not to the cohort's sum).
+    """
+    if not isinstance(simulated, RoundPrivacy):
+        raise ValueError(f"simulated={simulated!r} must be a RoundPrivacy instance")  # noqa: TRY004
+    if simulated.unit != "user":
+        raise ValueError(
+            f"simulated.unit={simulated.unit!r}: the noise-cohort trick applies to user-level "
+            "DP (noise on the cohort's sum), not to example-level DP-SGD"
+        )
+    mechanism = getattr(simulated, "mechanism", "gaussian")
+    if mechanism != "gaussian":
+        raise ValueError(
+            f"simulated.mechanism={mechanism!r}: the noise-cohort trick is implemented for the "
+            "central Gaussian mechanism only"
+        )
+    m = simulated.participation_probability * simulated.num_clients  # expected cohort
+    big_m = _check_count("noise_cohort_size", noise_cohort_size)
+    if big_m < m:
+        raise ValueError(
+            f"noise_cohort_size={big_m} must be at least the simulated expected cohort size "
+            f"{m:g}: the trick simulates a LARGER deployment"
+        )
+    if population is None:
+        n_big = max(big_m, round(simulated.num_clients * big_m / m))
+    else:
+        n_big = _check_count("population", population)
+        if n_big < big_m:
+            raise ValueError(f"population={n_big} must be >= noise_cohort_size={big_m}")
+    sigma_sim = simulated.noise_multiplier * m / big_m
+    if simulated.sampling == "poisson":
+        deployment = dataclasses.replace(
+            simulated, num_clients=n_big, sampling_rate=big_m / n_big, cohort_size=None
+        )
+    else:
+        deployment = dataclasses.replace(
+            simulated, num_clients=n_big, sampling_rate=None, cohort_size=big_m
+        )
+    return sigma_sim, deployment

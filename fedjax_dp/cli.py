@@ -1,4 +1,9 @@
-"""Command line: ``fedjax-dp run CONFIG [--section.option VALUE ...]``.
+"""Command line: ``fedjax-dp run|audit CONFIG [--section.option VALUE ...]``.
+
+- ``fedjax-dp run CONFIG``: train, evaluate, account (and, with ``privacy.attack``, attack).
+- ``fedjax-dp audit CONFIG``: train the same run with canary clients and print the accounted
+  epsilon next to the audited lower bound (:func:`fedjax_dp.audit.run_audit`); options of
+  the ``[audit]`` section (``--audit.canaries``, ``--audit.noise_multipliers``...) set it up.
 
 Every option of the config file can be given on the command line, where it overrides the
 file; ``fedjax-dp run --help`` lists them all with their defaults.
@@ -25,24 +30,38 @@ def _build_parser() -> argparse.ArgumentParser:
         help="train with a config file (TOML or YAML)",
         description="Train with a config file; any option below overrides the file.",
     )
-    run.add_argument("config", nargs="?", help="experiment file (.toml, .yaml); omit for defaults")
+    audit = sub.add_parser(
+        "audit",
+        help="audit the config's privacy with canary clients (empirical epsilon lower bound)",
+        description=(
+            "Train the config's run with canary clients (one-run audit, Steinke, Nasr, "
+            "Jagielski 2023) and print the accounted epsilon, the audited lower bound and the "
+            "correct guesses (plus the membership attack with privacy.attack); writes a JSON. "
+            "Any option below overrides the file; [audit] options set up the audit."
+        ),
+    )
     defaults = experiment.ExperimentConfig()
-    for section in experiment.SECTIONS:
-        group = run.add_argument_group(f"[{section}]")
-        for f in dataclasses.fields(getattr(defaults, section)):
-            t = experiment.option_type(section, f.name)
-            metavar = {int: "INT", float: "FLOAT", bool: "BOOL", list: "LIST"}.get(t, "STR")
-            default = getattr(getattr(defaults, section), f.name)
-            group.add_argument(
-                f"--{section}.{f.name}",
-                dest=f"{section}.{f.name}",
-                default=_SENTINEL,
-                metavar=metavar,
-                help=f"{experiment.option_help(section, f.name)} (default: {default!r})",
-            )
-    for action in run._actions:
-        if action.default is _SENTINEL:
-            action.default = argparse.SUPPRESS
+    for command in (run, audit):
+        command.add_argument(
+            "config", nargs="?", help="experiment file (.toml, .yaml); omit for defaults"
+        )
+        for section in experiment.SECTIONS:
+            group = command.add_argument_group(f"[{section}]")
+            for f in dataclasses.fields(getattr(defaults, section)):
+                t = experiment.option_type(section, f.name)
+                metavar = {int: "INT", float: "FLOAT", bool: "BOOL", list: "LIST"}.get(t, "STR")
+                default = getattr(getattr(defaults, section), f.name)
+                text = f"{experiment.option_help(section, f.name)} (default: {default!r})"
+                group.add_argument(
+                    f"--{section}.{f.name}",
+                    dest=f"{section}.{f.name}",
+                    default=_SENTINEL,
+                    metavar=metavar,
+                    help=text.replace("%", "%%"),  # argparse %-formats help strings
+                )
+        for action in command._actions:
+            if action.default is _SENTINEL:
+                action.default = argparse.SUPPRESS
     return parser
 
 
@@ -57,7 +76,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = experiment.load_config(args.config, overrides)
-        experiment.run(cfg)
+        if args.command == "audit":
+            from fedjax_dp._src import audit
+
+            audit.run_audit(cfg)
+        else:
+            experiment.run(cfg)
     except (ValueError, FileNotFoundError) as e:
         print(f"fedjax-dp: error: {e}", file=sys.stderr)
         return 2

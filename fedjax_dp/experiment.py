@@ -23,9 +23,11 @@ import numpy as np
 import tomllib
 
 from fedjax_dp import accounting
+from fedjax_dp._src import attacks as attacks_lib
 from fedjax_dp._src import data as data_lib
 from fedjax_dp._src import models as models_lib
-from fedjax_dp._src.algorithms import AlgorithmConfig, build_simulation
+from fedjax_dp._src import sources as sources_lib
+from fedjax_dp._src.algorithms import AlgorithmConfig, build_simulation, check_hparams
 from fedjax_dp._src.evaluation import evaluate
 
 
@@ -50,13 +52,48 @@ class RunConfig:
 class DataConfig:
     source: str = _field(
         "digits",
-        "'digits' (scikit-learn's bundled digits, no download) or "
-        "'npz' (a file with arrays x, y, client_ids; optional x_test, y_test)",
+        "'digits' (scikit-learn's bundled digits, no download), "
+        "'tfds' (TensorFlow Datasets data.name, partitioned), "
+        "'fedprox_synthetic' (FedProx Synthetic(alpha, beta), devices = clients), "
+        "'npz' (a file with arrays x, y, client_ids; optional x_test, y_test), "
+        "'csv' (a table with a client-id column) or "
+        "'folder' (one .csv/.npz file per client, named after the client)",
     )
-    path: str = _field("", "the .npz file for source='npz'")
-    num_clients: int = _field(100, "number of clients to partition digits into")
+    path: str = _field(
+        "", "the .npz file (source='npz'), .csv/.npz table ('csv') or folder ('folder')"
+    )
+    num_clients: int = _field(100, "number of clients to partition digits or TFDS data into")
     partition: str = _field("dirichlet", "iid | dirichlet | shards | quantity_skew")
-    alpha: float = _field(0.5, "Dirichlet concentration (smaller = more label skew)")
+    alpha: float = _field(
+        0.5,
+        "Dirichlet concentration (smaller = more label skew); for source='fedprox_synthetic' "
+        "the spread (std) of the devices' models",
+    )
+    beta: float = _field(
+        0.5, "source='fedprox_synthetic': the spread (std) of the devices' input means"
+    )
+    num_devices: int = _field(30, "source='fedprox_synthetic': number of devices (clients)")
+    synthetic_iid: bool = _field(
+        False, "source='fedprox_synthetic': the IID variant (one model, same inputs everywhere)"
+    )
+    name: str = _field(
+        "mnist", "source='tfds': mnist | fashion_mnist | cifar10 | emnist (or emnist/<config>)"
+    )
+    data_dir: str = _field(
+        "",
+        "source='tfds': folder of TFDS data prepared as array_record (empty: TFDS's default, "
+        "~/tensorflow_datasets)",
+    )
+    split: str = _field("train", "source='tfds': split for the clients, e.g. train[:10%]")
+    test_split: str = _field("test", "source='tfds': split for evaluation")
+    download: bool = _field(True, "source='tfds': download and prepare the data if missing")
+    client_column: str = _field("client_id", "source='csv': the client-id column")
+    label_column: str = _field("y", "source='csv'/'folder': the label column (or .npz array)")
+    test_path: str = _field(
+        "",
+        "source='csv'/'folder': held-out table or folder in the same format (empty: hold out "
+        "test_fraction of the examples at random)",
+    )
     shards_per_client: int = _field(2, "label shards per client for partition='shards'")
     sigma: float = _field(1.0, "log-normal sigma of client sizes for partition='quantity_skew'")
     test_fraction: float = _field(0.2, "held-out fraction for evaluation")
@@ -83,13 +120,25 @@ _ALGO_HELP = {
     "server_optimizer": "optax optimizer on the pseudo-gradient: sgd (FedAvg), adam, yogi, adagrad",
     "server_lr": "server learning rate (1.0 with sgd is plain FedAvg)",
     "weighting": "aggregation weights: uniform | num_examples (non-DP only)",
-    "clip_norm": "user-level DP: L2 clip norm of each client's delta",
+    "clip_norm": "user-level DP: clip norm of each client's delta (L2; L1 for mechanism=laplace; "
+    "the initial clip norm with adaptive_clipping, default 0.1)",
     "noise_multiplier": "user-level DP: noise std / clip_norm on the summed deltas",
     "example_clip_norm": "example-level DP-SGD: per-example gradient clip norm",
     "example_noise_multiplier": "example-level DP-SGD: noise std / example_clip_norm per step",
     "chunk_size": "clients vmapped together; chunks run in sequence (0 = auto from the budget)",
     "memory_budget_mb": "working memory for the auto chunk size (0 = 16 MiB on CPU, 1/4 of GPU)",
     "clipping": "DP-SGD per-example clipping: auto | ghost (fast, Flax Dense/Conv) | per_example",
+    "mechanism": "user-level DP mechanism: gaussian (central noise on the sum) | laplace (L1 clip, "
+    "Laplace scale noise_multiplier*clip_norm, pure 1/noise_multiplier-DP per round) | "
+    "local_gaussian (each client noises its own clipped update: local DP)",
+    "adaptive_clipping": "user-level DP: adapt the clip norm each round toward target_quantile "
+    "of the update norms (Andrew et al. 2021; clip norm starts at clip_norm, default 0.1)",
+    "target_quantile": "adaptive clipping: the quantile of update norms to clip at (default 0.5)",
+    "clip_lr": "adaptive clipping: geometric learning rate of the clip norm (default 0.2)",
+    "clipped_count_stddev": "adaptive clipping: noise std on the clipped count (default 0.05 x "
+    "expected cohort); must exceed noise_multiplier / 2",
+    "layer_clip_norms": "user-level DP: a clip norm per parameter group instead of clip_norm, e.g. "
+    "'Dense_0=0.5, Dense_1=1.0' (regex on whole path components; noise uses sqrt(sum C_g^2))",
 }
 
 
@@ -98,6 +147,64 @@ class PrivacyConfig:
     delta: float = _field(1e-5, "target delta for the reported epsilon (well below 1/population)")
     accountant: str = _field("rdp", "rdp | pld (dp-accounting)")
     conversion: str = _field("improved", "RDP to (eps, delta): improved | classic")
+    target_epsilon: float = _field(
+        0.0,
+        "calibrate the noise multiplier before training so that epsilon at delta after "
+        "run.rounds rounds is at most this (0 = off: use the algorithm's noise multiplier)",
+    )
+    noise_schedule: str = _field(
+        "constant",
+        "how the noise multiplier changes from the first round to the last: constant | linear | "
+        "geometric (accounted as a heterogeneous composition)",
+    )
+    noise_end_ratio: float = _field(
+        1.0,
+        "last round's noise multiplier / first round's, for a linear or geometric "
+        "noise_schedule (< 1: the noise decays)",
+    )
+    noise_schedule_stages: int = _field(
+        10,
+        "distinct noise multipliers of a linear or geometric schedule, each held for an equal "
+        "block of rounds (0 = a new value every round: slower to account and calibrate)",
+    )
+    noise_cohort_size: int = _field(
+        0,
+        "noise-cohort trick (user-level DP): scale the noise so that the noise on the mean "
+        "matches a deployment with this expected cohort size; epsilon is then the "
+        "deployment's, not the simulated run's (0 = off)",
+    )
+    noise_population: int = _field(
+        0,
+        "the deployment's population for noise_cohort_size (0 = the simulated population "
+        "scaled by noise_cohort_size / expected cohort, keeping the sampling rate)",
+    )
+    attack: bool = _field(
+        False,
+        "membership-inference risk: hold out attack_holdout of the clients from training, "
+        "then attack held-in vs held-out clients by their loss (AUC, TPR at 1% and 0.1% FPR)",
+    )
+    attack_holdout: float = _field(0.2, "fraction of clients held out for privacy.attack")
+
+
+@dataclasses.dataclass
+class AuditConfig:
+    canaries: int = _field(
+        1000, "fedjax-dp audit: canary clients inserted, each included with probability 1/2"
+    )
+    significance: float = _field(
+        0.05, "fedjax-dp audit: the lower bound holds with probability 1 - significance"
+    )
+    noise_multipliers: str = _field(
+        "",
+        "fedjax-dp audit: comma-separated noise multipliers audited in turn, e.g. 0,0.5,1,2 "
+        "(empty: the algorithm's)",
+    )
+    fault: str = _field(
+        "none",
+        "fedjax-dp audit: simulate a broken run to check that the audit catches it: none | "
+        "noise_div_10 | no_clipping (the accountant still claims the configured run)",
+    )
+    output: str = _field("", "fedjax-dp audit: results JSON (empty: run.output_dir/audit.json)")
 
 
 @dataclasses.dataclass
@@ -107,9 +214,10 @@ class ExperimentConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
     privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
+    audit: AuditConfig = dataclasses.field(default_factory=AuditConfig)
 
 
-SECTIONS = ("run", "data", "model", "algorithm", "privacy")
+SECTIONS = ("run", "data", "model", "algorithm", "privacy", "audit")
 
 
 def option_help(section: str, name: str) -> str:
@@ -227,10 +335,20 @@ def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
 def load_data(cfg: ExperimentConfig):
     """Returns ``(train FederatedData, (x_test, y_test))`` for ``cfg.data``."""
     d = cfg.data
-    if d.source == "digits":
-        (x, y), (x_test, y_test) = data_lib.load_digits(
-            test_fraction=d.test_fraction, seed=cfg.run.seed
-        )
+    num_classes = None
+    if d.source in ("digits", "tfds"):
+        if d.source == "digits":
+            (x, y), (x_test, y_test) = data_lib.load_digits(
+                test_fraction=d.test_fraction, seed=cfg.run.seed
+            )
+        else:
+            (x, y), (x_test, y_test) = sources_lib.load_tfds(
+                d.name,
+                data_dir=d.data_dir,
+                split=d.split,
+                test_split=d.test_split,
+                download=d.download,
+            )
         client_ids = data_lib.partition(
             y,
             num_clients=d.num_clients,
@@ -257,8 +375,22 @@ def load_data(cfg: ExperimentConfig):
             test = rng.random(len(y)) < d.test_fraction
             x_test, y_test = x[test], y[test]
             x, y, client_ids = x[~test], y[~test], client_ids[~test]
+    elif d.source == "fedprox_synthetic":
+        synthetic = sources_lib.fedprox_synthetic(
+            d.alpha, d.beta, num_devices=d.num_devices, iid=d.synthetic_iid, seed=cfg.run.seed
+        )
+        train, test = synthetic.train, synthetic.test
+        x, y = train.x, train.y
+        client_ids = np.repeat(np.arange(train.num_clients), train.counts)
+        x_test, y_test = test.x, test.y  # the union of the devices' test sets
+        num_classes = train.num_classes
+    elif d.source in ("csv", "folder"):
+        x, y, client_ids, x_test, y_test = _load_user_clients(d, cfg.run.seed)
     else:
-        raise ValueError(f"data.source={d.source!r} must be 'digits' or 'npz'")
+        raise ValueError(
+            f"data.source={d.source!r} must be one of 'digits', 'tfds', 'fedprox_synthetic', "
+            "'npz', 'csv', 'folder'"
+        )
     if d.input_shape:
         shape = tuple(d.input_shape)
         if math.prod(shape) != math.prod(x.shape[1:]):
@@ -268,9 +400,38 @@ def load_data(cfg: ExperimentConfig):
             )
         x = np.reshape(x, (len(x),) + shape)
         x_test = np.reshape(x_test, (len(x_test),) + shape)
-    num_classes = int(max(np.max(y), np.max(y_test))) + 1 if len(y_test) else None
+    if num_classes is None and len(y_test):
+        num_classes = int(max(np.max(y), np.max(y_test))) + 1
     train = data_lib.from_arrays(x, y, client_ids, num_classes=num_classes)
     return train, (np.asarray(x_test, np.float32), np.asarray(y_test, np.int32))
+
+
+def _load_user_clients(d: DataConfig, seed: int):
+    """``(x, y, client_ids, x_test, y_test)`` for ``source='csv'`` or ``'folder'``."""
+    if not d.path:
+        raise ValueError(
+            f"data.source={d.source!r} needs data.path, "
+            + ("a .csv/.npz table" if d.source == "csv" else "a folder of per-client files")
+        )
+
+    def load(path):
+        if d.source == "csv":
+            return sources_lib.from_table(
+                path, client_column=d.client_column, label_column=d.label_column
+            )
+        return sources_lib.from_folder(path, label_column=d.label_column)
+
+    train = load(d.path)
+    x, y = train.x, train.y
+    client_ids = np.repeat(np.asarray(train.client_names), train.counts)
+    if d.test_path:
+        test = load(d.test_path)
+        x_test, y_test = test.x, test.y
+    else:
+        test = np.random.default_rng(seed).random(len(y)) < d.test_fraction
+        x_test, y_test = x[test], y[test]
+        x, y, client_ids = x[~test], y[~test], client_ids[~test]
+    return x, y, client_ids, x_test, y_test
 
 
 def make_model(cfg: ExperimentConfig, feature_shape, num_classes) -> models_lib.Model:
@@ -311,6 +472,218 @@ def _check(cfg: ExperimentConfig) -> None:
         raise ValueError(f"run.eval_every={r.eval_every} must be >= 1")
     if not (0.0 < p.delta < 1.0):  # also rejects NaN
         raise ValueError(f"privacy.delta={p.delta} must be in (0, 1), e.g. 1e-5")
+    if not 0.0 <= p.target_epsilon < math.inf:  # also rejects NaN
+        raise ValueError(
+            f"privacy.target_epsilon={p.target_epsilon} must be a finite number > 0 (0 = off)"
+        )
+    if p.noise_schedule not in accounting.SCHEDULE_KINDS:
+        raise ValueError(
+            f"privacy.noise_schedule={p.noise_schedule!r} must be one of "
+            f"{list(accounting.SCHEDULE_KINDS)}"
+        )
+    if not 0.0 < p.noise_end_ratio < math.inf:
+        raise ValueError(f"privacy.noise_end_ratio={p.noise_end_ratio} must be finite and > 0")
+    if p.noise_schedule == "constant" and p.noise_end_ratio != 1.0:
+        raise ValueError(
+            f"privacy.noise_end_ratio={p.noise_end_ratio} needs privacy.noise_schedule = "
+            "'linear' or 'geometric' (it is 'constant')"
+        )
+    for name in ("noise_schedule_stages", "noise_cohort_size", "noise_population"):
+        if getattr(p, name) < 0:
+            raise ValueError(f"privacy.{name}={getattr(p, name)} must be >= 0 (0 = default/off)")
+    if p.noise_population and not p.noise_cohort_size:
+        raise ValueError(
+            f"privacy.noise_population={p.noise_population} needs privacy.noise_cohort_size"
+        )
+
+
+# Which hparam holds the noise multiplier of each unit's Gaussian mechanism.
+_NOISE_HPARAM = {"user": "noise_multiplier", "example": "example_noise_multiplier"}
+
+
+def _float32_at_least(x: float) -> float:
+    """The smallest float32 value >= ``x``: the round computes in float32, and the noise it
+    adds must never be below what is accounted."""
+    f = np.float32(x)
+    if float(f) < x:
+        f = np.nextafter(f, np.float32(np.inf))
+    return float(f)
+
+
+@dataclasses.dataclass
+class _PrivacyPlan:
+    """What each round adds and what is accounted, decided before training (host side).
+
+    Attributes:
+      accountants: label -> accountant; the label is the unit (``"user"``/``"example"``), plus
+        ``"user_simulated"`` with the noise-cohort trick. Metrics report ``epsilon_<label>``.
+      round_privacy: ``round index -> {label: RoundPrivacy}`` to compose after that round.
+      hparams_at: ``round index -> hparams`` the round is called with (the noise multiplier
+        changes with a schedule; the shapes and dtypes do not, so the round is traced once).
+      row_at: ``round index -> extra metrics`` (the accounted noise multiplier).
+      summary: facts for ``summary.json`` (e.g. the calibrated noise multiplier).
+    """
+
+    accountants: dict[str, accounting.Accountant]
+    round_privacy: Any
+    hparams_at: Any
+    row_at: Any
+    summary: dict[str, Any]
+
+
+def _privacy_plan(cfg: ExperimentConfig, sim, hparams, log) -> _PrivacyPlan:
+    """Noise schedule, calibration and the noise-cohort trick of ``cfg.privacy``.
+
+    Without any of them every round adds and accounts ``sim.round_privacy(hparams)``.
+    Otherwise the run must have exactly one Gaussian mechanism (user or example level), whose
+    noise multiplier ``sigma_t`` for round ``t`` is ``sigma * profile_t``, with ``profile`` from
+    :func:`fedjax_dp.accounting.noise_schedule` (``start=1``, ``end=noise_end_ratio``) and
+    ``sigma`` the algorithm's noise multiplier or, with ``target_epsilon``, the one
+    :func:`fedjax_dp.accounting.calibrate` finds for the accounted rounds. Each round adds the
+    smallest float32 ``>=`` its value and that float32 is accounted. With the noise-cohort trick
+    the deployment's rounds (:func:`fedjax_dp.accounting.noise_cohort`) are accounted with
+    ``sigma_t``, the round adds ``sigma_t * m / M``, and the simulated run's own epsilon is
+    reported alongside (``epsilon_user_simulated``).
+    """
+    p, rounds = cfg.privacy, cfg.run.rounds
+    base = sim.round_privacy({k: float(v) for k, v in hparams.items()})
+
+    def new_accountant() -> accounting.Accountant:
+        return accounting.Accountant(
+            delta=p.delta, accountant=p.accountant, conversion=p.conversion
+        )
+
+    scheduled = p.noise_schedule != "constant"
+    asked = [
+        f"privacy.{name}"
+        for name, on in (
+            ("target_epsilon", p.target_epsilon > 0),
+            ("noise_schedule", scheduled),
+            ("noise_cohort_size", p.noise_cohort_size > 0),
+        )
+        if on
+    ]
+    if not asked:
+        fixed = {rp.unit: rp for rp in base}
+        return _PrivacyPlan(
+            {unit: new_accountant() for unit in fixed},
+            lambda _: fixed,
+            lambda _: hparams,
+            lambda _: {},
+            {},
+        )
+    if len(base) != 1:
+        raise ValueError(
+            f"{', '.join(asked)} needs a run with exactly one DP mechanism (algorithm.name = "
+            f"'dp_fedavg' or 'dp_sgd_fedavg'); this run has {len(base)}"
+        )
+    (simulated,) = base
+    unit = simulated.unit
+    key = _NOISE_HPARAM.get(unit)
+    if key not in hparams or float(hparams[key]) != simulated.noise_multiplier:
+        raise ValueError(f"{', '.join(asked)}: this run's {unit}-level mechanism is not supported")
+    if p.noise_cohort_size:
+        if "clipped_count_stddev" in hparams:
+            raise ValueError(
+                "privacy.noise_cohort_size is not supported with adaptive clipping (its "
+                "clipped-count noise is not scaled to the deployment)"
+            )
+        try:
+            # sigma_sim for noise multiplier 1 is the factor m / M.
+            factor, accounted = accounting.noise_cohort(
+                dataclasses.replace(simulated, noise_multiplier=1.0),
+                noise_cohort_size=p.noise_cohort_size,
+                population=p.noise_population or None,
+            )
+        except ValueError as e:
+            raise ValueError(f"privacy.noise_cohort_size: {e}") from None
+    else:
+        factor, accounted = 1.0, simulated
+    profile = accounting.noise_schedule(
+        p.noise_schedule,
+        start=1.0,
+        end=p.noise_end_ratio if scheduled else None,
+        rounds=rounds,
+        stages=p.noise_schedule_stages or None,
+    )
+    summary: dict[str, Any] = {}
+    if p.target_epsilon > 0:
+        try:
+            sigma = accounting.calibrate(
+                p.target_epsilon,
+                delta=p.delta,
+                rounds=rounds,
+                sampling=accounted.sampling,
+                num_clients=accounted.num_clients,
+                sampling_rate=accounted.sampling_rate if accounted.sampling == "poisson" else None,
+                cohort_size=accounted.cohort_size,
+                unit=unit,
+                compositions=accounted.compositions,
+                accountant=p.accountant,
+                conversion=p.conversion,
+                noise_profile=profile if scheduled else None,
+                mechanism=getattr(accounted, "mechanism", "gaussian"),
+            )
+        except ValueError as e:
+            raise ValueError(f"privacy.target_epsilon: {e}") from None
+        summary["calibrated_noise_multiplier"] = sigma
+        log(
+            f"  calibrated {unit}-level noise multiplier {sigma:.4f}"
+            + (" (first round)" if scheduled else "")
+            + f" for epsilon <= {p.target_epsilon:g} at delta {p.delta:g} over {rounds} rounds "
+            f"({p.accountant}); it replaces algorithm.{key} = {simulated.noise_multiplier:g}"
+        )
+    else:
+        sigma = simulated.noise_multiplier
+    # Per round: the noise multiplier accounted, and the float32 the round adds (>= its value).
+    if p.noise_cohort_size:
+        accounted_sigmas = [sigma * f for f in profile]
+        added = [_float32_at_least(s * factor) for s in accounted_sigmas]
+    else:
+        accounted_sigmas = added = [_float32_at_least(sigma * f) for f in profile]
+    by_value = {v: {**hparams, key: jax.numpy.asarray(v, np.float32)} for v in set(added)}
+    for hp in by_value.values():
+        check_hparams(hp)
+    rps: dict[tuple[float, float], dict[str, accounting.RoundPrivacy]] = {}
+
+    def round_privacy(r: int) -> dict[str, accounting.RoundPrivacy]:
+        k = (accounted_sigmas[r], added[r])
+        if k not in rps:
+            rps[k] = {unit: dataclasses.replace(accounted, noise_multiplier=k[0])}
+            if p.noise_cohort_size:
+                rps[k][f"{unit}_simulated"] = dataclasses.replace(simulated, noise_multiplier=k[1])
+        return rps[k]
+
+    if scheduled:
+        log(
+            f"  noise schedule: {p.noise_schedule}, {unit}-level noise multiplier "
+            f"{accounted_sigmas[0]:.4g} -> {accounted_sigmas[-1]:.4g} in "
+            f"{len(set(accounted_sigmas))} stages, accounted as a heterogeneous composition"
+        )
+    if p.noise_cohort_size:
+        m = simulated.participation_probability * simulated.num_clients
+        summary.update(
+            noise_cohort_size=p.noise_cohort_size, noise_population=accounted.num_clients
+        )
+        log(
+            f"  noise-cohort trick: noise scaled for a deployment with an expected cohort of "
+            f"{p.noise_cohort_size} clients out of {accounted.num_clients} "
+            f"(participation {accounted.participation_probability:.4g}), noise multiplier "
+            f"{accounted_sigmas[0]:.4g}; this simulation (expected cohort {m:g} of "
+            f"{simulated.num_clients}) adds noise multiplier {added[0]:.4g}, so the noise on "
+            f"the mean update matches the deployment's.\n"
+            f"  CAVEAT: epsilon_{unit} is the guarantee of that larger deployment, NOT of this "
+            f"simulated run, which is protected only at its own, much weaker level "
+            f"(epsilon_{unit}_simulated)."
+        )
+    accountants = {label: new_accountant() for label in round_privacy(0)}
+    return _PrivacyPlan(
+        accountants,
+        round_privacy,
+        lambda r: by_value[added[r]],
+        lambda r: {"noise_multiplier": accounted_sigmas[r]},
+        summary,
+    )
 
 
 def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
@@ -318,41 +691,23 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
 
     Writes to ``cfg.run.output_dir``: ``config.json``, ``metrics.jsonl`` (one JSON object per
     evaluation point), ``params.npz`` (final parameters, flattened by path) and
-    ``summary.json``.
+    ``summary.json``. With ``privacy.attack`` a fraction of the clients is held out of
+    training and the final model is attacked (:func:`attack_metrics`: ``attack_*`` entries
+    of the summary, attack AUC on the final log line).
     """
     _check(cfg)
     train, (x_test, y_test) = load_data(cfg)
+    train, held_out = attack_split(cfg, train)
     model = make_model(cfg, train.feature_shape, train.num_classes)
     sim = build_simulation(algorithm_config(cfg), model, train)
     hparams = sim.make_hparams()
     privacy = sim.round_privacy({k: float(v) for k, v in hparams.items()})
-    accountants = {
-        rp.unit: (
-            rp,
-            accounting.Accountant(
-                delta=cfg.privacy.delta,
-                accountant=cfg.privacy.accountant,
-                conversion=cfg.privacy.conversion,
-            ),
-        )
-        for rp in privacy
-    }
     if privacy and cfg.privacy.delta >= 1.0 / train.num_clients:
         warnings.warn(
             f"privacy.delta={cfg.privacy.delta} is not below 1/population "
             f"({1.0 / train.num_clients:.3g}); choose a smaller delta",
             stacklevel=2,
         )
-
-    out_dir = pathlib.Path(cfg.run.output_dir) if write else None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-        metrics_file = open(out_dir / "metrics.jsonl", "w")  # noqa: SIM115 - closed in finally
-    root = jax.random.key(cfg.run.seed)
-    state = sim.init(jax.random.fold_in(root, 0))
-    train_key = jax.random.fold_in(root, 1)
-    device_data = train.to_device()
     desc = (
         f"{sim.config.name} on {train.num_clients} clients "
         f"({sim.sampler.sampling} cohort ~{sim.sampler.expected_cohort_size:g})"
@@ -363,6 +718,19 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
             f"  privacy: {rp.unit}-level, noise multiplier {rp.noise_multiplier:g}, "
             f"delta {cfg.privacy.delta:g}, accountant {cfg.privacy.accountant}"
         )
+    # Calibration, noise schedule, noise-cohort trick: decided (and printed) before training.
+    plan = _privacy_plan(cfg, sim, hparams, log)
+    accountants = plan.accountants
+
+    out_dir = pathlib.Path(cfg.run.output_dir) if write else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+        metrics_file = open(out_dir / "metrics.jsonl", "w")  # noqa: SIM115 - closed in finally
+    root = jax.random.key(cfg.run.seed)
+    state = sim.init(jax.random.fold_in(root, 0))
+    train_key = jax.random.fold_in(root, 1)
+    device_data = train.to_device()
     bar = _progress(cfg.run.rounds, cfg.run.progress)
     pending: list[tuple[int, dict[str, Any]]] = []
     history: list[dict[str, Any]] = []
@@ -372,7 +740,7 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
     try:
         for r in range(cfg.run.rounds):
             state, metrics = sim.round_fn(
-                state, device_data, hparams, jax.random.fold_in(train_key, r)
+                state, device_data, plan.hparams_at(r), jax.random.fold_in(train_key, r)
             )
             pending.append((r + 1, metrics))
             last = r + 1 == cfg.run.rounds
@@ -385,12 +753,15 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
                         "num_clients": int(m["num_clients"]),
                         "cohort_overflow": int(m["cohort_overflow"]),
                     }
+                    if "clip_norm" in m:  # adaptive clipping: the clip norm this round used
+                        row["clip_norm"] = float(m["clip_norm"])
                     overflow_total += row["cohort_overflow"]
-                    for unit, (rp, acct) in accountants.items():
-                        acct.compose(rp, 1)
-                        row[f"epsilon_{unit}"] = acct.epsilon()
+                    for label, acct in accountants.items():
+                        acct.compose(plan.round_privacy(rnd - 1)[label], 1)
+                        row[f"epsilon_{label}"] = acct.epsilon()
                     if accountants:
                         row["delta"] = cfg.privacy.delta
+                    row.update(plan.row_at(rnd - 1))
                     history.append(row)
                 pending.clear()
                 ev = evaluate(model, state.params, x_test, y_test)
@@ -430,17 +801,45 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
     final = dict(history[-1])  # the last round is always an evaluation point
     final["rounds_per_s"] = cfg.run.rounds / max(time.perf_counter() - start, 1e-9)
     final["cohort_overflow"] = overflow_total
+    final.update(plan.summary)
+    attack = ""
+    if held_out is not None:
+        final.update(attack_metrics(model, state.params, train, held_out))
+        attack = f"  attack AUC {final['attack_auc']:.3f}"
     if out_dir is not None:
         save_params(out_dir / "params.npz", state.params)
         (out_dir / "summary.json").write_text(json.dumps(final, indent=2) + "\n")
-    eps = "  ".join(f"epsilon ({u}-level) = {final[f'epsilon_{u}']:.3f}" for u in accountants)
+    eps = "  ".join(
+        f"epsilon ({u.replace('_', '-level, ')}{'' if '_' in u else '-level'}) = "
+        f"{final[f'epsilon_{u}']:.3f}"
+        for u in accountants
+    )
     log(
         f"final accuracy {final['test_accuracy']:.4f}  test loss {final['test_loss']:.4f}"
         + (f"  {eps} at delta = {cfg.privacy.delta:g}" if accountants else "  (no DP)")
+        + attack
     )
     if out_dir is not None:
         log(f"wrote {out_dir}/metrics.jsonl, params.npz, summary.json")
     return RunResult(state.params, final, history, out_dir)
+
+
+def attack_split(cfg: ExperimentConfig, train):
+    """``(held_in, held_out)`` clients for ``privacy.attack`` (``(train, None)`` when off)."""
+    if not cfg.privacy.attack:
+        return train, None
+    h = cfg.privacy.attack_holdout
+    if not 0.0 < h < 1.0:  # also rejects NaN
+        raise ValueError(f"privacy.attack_holdout={h} must be strictly between 0 and 1, e.g. 0.2")
+    if train.num_clients < 2:
+        raise ValueError("privacy.attack needs at least 2 clients (some held out)")
+    return attacks_lib.split_clients(train, h, seed=cfg.run.seed)
+
+
+def attack_metrics(model, params, held_in, held_out) -> dict[str, Any]:
+    """The loss-threshold membership attack on clients, as ``attack_*`` summary entries."""
+    result = attacks_lib.loss_threshold_attack(model, params, held_in, held_out)
+    return {f"attack_{k}": v for k, v in result.items()}
 
 
 def _progress(total: int, enabled: bool):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -25,7 +26,12 @@ NUMERIC_HPARAMS = (
     "noise_multiplier",
     "example_clip_norm",
     "example_noise_multiplier",
+    "target_quantile",
+    "clip_lr",
+    "clipped_count_stddev",
 )
+#: User-level DP mechanisms of ``dp_fedavg`` (``AlgorithmConfig.mechanism``).
+MECHANISMS = ("gaussian", "laplace", "local_gaussian")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +61,16 @@ class AlgorithmConfig:
     chunk_size: int | None = None
     memory_budget_mb: float | None = None
     clipping: str = "auto"
+    mechanism: str = "gaussian"
+    adaptive_clipping: bool = False
+    target_quantile: float | None = None
+    clip_lr: float | None = None
+    clipped_count_stddev: float | None = None
+    layer_clip_norms: str | None = None
 
     @property
     def user_dp(self) -> bool:
-        return self.clip_norm is not None
+        return self.clip_norm is not None or bool(self.layer_clip_norms)
 
     @property
     def example_dp(self) -> bool:
@@ -78,6 +90,25 @@ def resolve(config: AlgorithmConfig) -> AlgorithmConfig:
       ``example_clip_norm`` and noise ``example_noise_multiplier`` on every local step).
     - ``fedadam``/``fedyogi``/``fedadagrad`` (Reddi et al. 2021): FedAvg with that server
       optimizer (``server_lr`` around 1e-2 is typical).
+
+    ``dp_fedavg`` options (see :mod:`fedjax_dp._src.aggregation` for each mechanism's
+    sensitivity, neighbouring relation and accounting):
+
+    - ``mechanism``: ``"gaussian"`` (default; central noise on the sum), ``"laplace"``
+      (L1 clipping to ``clip_norm``, Laplace noise of scale ``noise_multiplier * clip_norm``
+      on the sum: pure ``1 / noise_multiplier``-DP per round) or ``"local_gaussian"`` (every
+      client adds ``N(0, (noise_multiplier * clip_norm)^2)`` to its own clipped update; no
+      central noise; local DP).
+    - ``adaptive_clipping=True`` (Andrew et al. 2021; ``mechanism="gaussian"`` only): the
+      clip norm becomes round state that starts at ``clip_norm`` (default 0.1) and tracks
+      the ``target_quantile`` (0.5) of the update norms with learning rate ``clip_lr`` (0.2)
+      from a clipped count noised with std ``clipped_count_stddev`` (default 0.05 x the
+      expected cohort size); ``noise_multiplier`` is the round's total, split between the
+      deltas and the count.
+    - ``layer_clip_norms``: a clip norm per parameter group instead of ``clip_norm``, as
+      ``"pattern=norm, ..."`` (e.g. ``"Dense_0=0.5, Dense_1=1.0"``; patterns as in
+      :func:`fedjax_dp.clip_per_layer`), or a mapping in Python. The hparams are named
+      ``clip_norm[pattern]``; the noise uses the combined ``sqrt(sum_g C_g^2)``.
     """
     c = config
     if c.name not in ALGORITHMS:
@@ -94,11 +125,7 @@ def resolve(config: AlgorithmConfig) -> AlgorithmConfig:
             client_lr=1.0,
         )
     if c.name == "dp_fedavg":
-        c = dataclasses.replace(
-            c,
-            clip_norm=1.0 if c.clip_norm is None else c.clip_norm,
-            noise_multiplier=1.0 if c.noise_multiplier is None else c.noise_multiplier,
-        )
+        c = _resolve_user_dp_options(c)
         if c.weighting != "uniform":
             raise ValueError(
                 f"weighting={c.weighting!r} is not supported with user-level DP (the sum's "
@@ -109,6 +136,13 @@ def resolve(config: AlgorithmConfig) -> AlgorithmConfig:
             f"clip_norm/noise_multiplier (user-level DP) are set but algorithm {c.name!r} does "
             "not use them; use name='dp_fedavg' or unset them"
         )
+    else:
+        extra = [f for f in _USER_DP_OPTIONS if (getattr(c, f) or None) != (_DEFAULTS[f] or None)]
+        if extra:
+            raise ValueError(
+                f"{'/'.join(extra)} (user-level DP) set but algorithm {c.name!r} does not use "
+                "them; use name='dp_fedavg' or unset them"
+            )
     if c.name == "dp_sgd_fedavg":
         c = dataclasses.replace(
             c,
@@ -138,12 +172,126 @@ def resolve(config: AlgorithmConfig) -> AlgorithmConfig:
     return c
 
 
+_USER_DP_OPTIONS = (
+    "mechanism",
+    "adaptive_clipping",
+    "target_quantile",
+    "clip_lr",
+    "clipped_count_stddev",
+    "layer_clip_norms",
+)
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AlgorithmConfig)}
+
+
+def _resolve_user_dp_options(c: AlgorithmConfig) -> AlgorithmConfig:
+    """Defaults and consistency of dp_fedavg's options (mechanism, adaptive, per-layer)."""
+    if c.mechanism not in MECHANISMS:
+        raise ValueError(f"mechanism={c.mechanism!r} must be one of {list(MECHANISMS)}")
+    if c.layer_clip_norms == "":
+        c = dataclasses.replace(c, layer_clip_norms=None)
+    if c.layer_clip_norms is not None:
+        if c.clip_norm is not None:
+            raise ValueError(
+                "clip_norm and layer_clip_norms are both set; give one (layer_clip_norms "
+                "replaces the single clip norm by one per parameter group)"
+            )
+        if c.mechanism == "laplace":
+            raise ValueError(
+                "layer_clip_norms works with the L2 mechanisms (mechanism='gaussian' or "
+                "'local_gaussian'), not mechanism='laplace'"
+            )
+        parse_layer_clip_norms(c.layer_clip_norms)  # validates
+    adaptive = dict(
+        target_quantile=c.target_quantile,
+        clip_lr=c.clip_lr,
+        clipped_count_stddev=c.clipped_count_stddev,
+    )
+    if c.adaptive_clipping:
+        if c.mechanism != "gaussian":
+            raise ValueError(
+                f"adaptive_clipping needs mechanism='gaussian' (got {c.mechanism!r}): the "
+                "clipped count is noised centrally, next to the deltas"
+            )
+        if c.layer_clip_norms is not None:
+            raise ValueError("adaptive_clipping adapts one clip norm; unset layer_clip_norms")
+        c = dataclasses.replace(
+            c,
+            clip_norm=0.1 if c.clip_norm is None else c.clip_norm,
+            target_quantile=0.5 if c.target_quantile is None else c.target_quantile,
+            clip_lr=0.2 if c.clip_lr is None else c.clip_lr,
+        )
+    else:
+        given = [k for k, v in adaptive.items() if v is not None]
+        if given:
+            raise ValueError(
+                f"{'/'.join(given)} set, but these options configure adaptive clipping, "
+                "which is off; set adaptive_clipping=True or unset them"
+            )
+        if c.layer_clip_norms is None and c.clip_norm is None:
+            c = dataclasses.replace(c, clip_norm=1.0)
+    if c.noise_multiplier is None:
+        c = dataclasses.replace(c, noise_multiplier=1.0)
+    return c
+
+
+def parse_layer_clip_norms(spec) -> tuple[tuple[str, float], ...]:
+    """``"Dense_0=0.5, Dense_1=1.0"`` (or a mapping) -> ``(("Dense_0", 0.5), ...)``, in order.
+
+    Raises:
+      ValueError: an entry is not ``pattern=number``, a pattern is repeated or not a
+        regular expression, or a norm is not finite and > 0.
+    """
+    if isinstance(spec, str):
+        items = []
+        for part in spec.split(","):
+            if not part.strip():
+                continue
+            pattern, sep, value = part.rpartition("=")
+            if not sep or not pattern.strip():
+                raise ValueError(
+                    f"layer_clip_norms entry {part.strip()!r} must be 'pattern=norm', e.g. "
+                    "'Dense_0=0.5, Dense_1=1.0'"
+                )
+            try:
+                items.append((pattern.strip(), float(value)))
+            except ValueError:
+                raise ValueError(
+                    f"layer_clip_norms entry {part.strip()!r}: {value.strip()!r} is not a number"
+                ) from None
+    else:
+        items = [(str(k), float(v)) for k, v in dict(spec).items()]
+    if not items:
+        raise ValueError("layer_clip_norms is empty; give 'pattern=norm' entries")
+    patterns = [p for p, _ in items]
+    if len(set(patterns)) != len(patterns):
+        raise ValueError(f"layer_clip_norms repeats a pattern: {patterns}")
+    aggregation.clip_per_layer([(p, aggregation.layer_clip_hparam(p)) for p in patterns])
+    for p, v in items:
+        if not v > 0 or math.isinf(v):
+            raise ValueError(f"layer_clip_norms[{p!r}]={v} must be finite and > 0")
+    return tuple(items)
+
+
 def hparams_of(config: AlgorithmConfig) -> dict[str, float]:
-    """The numeric hyper-parameters of ``config`` that the round reads (host floats)."""
+    """The numeric hyper-parameters of ``config`` that the round reads (host floats).
+
+    With ``adaptive_clipping`` the clip norm is round state, not an hparam (its initial
+    value is ``config.clip_norm``); with ``layer_clip_norms`` each group's clip norm is the
+    hparam ``clip_norm[pattern]``.
+    """
     out = {"client_lr": config.client_lr, "server_lr": config.server_lr}
     if config.user_dp:
-        out["clip_norm"] = config.clip_norm
+        if config.layer_clip_norms:
+            for pattern, value in parse_layer_clip_norms(config.layer_clip_norms):
+                out[aggregation.layer_clip_hparam(pattern)] = value
+        elif not config.adaptive_clipping:
+            out["clip_norm"] = config.clip_norm
         out["noise_multiplier"] = config.noise_multiplier
+        if config.adaptive_clipping:
+            out["target_quantile"] = config.target_quantile
+            out["clip_lr"] = config.clip_lr
+            if config.clipped_count_stddev is not None:
+                out["clipped_count_stddev"] = config.clipped_count_stddev
     if config.example_dp:
         out["example_clip_norm"] = config.example_clip_norm
         out["example_noise_multiplier"] = config.example_noise_multiplier
@@ -159,11 +307,19 @@ def check_hparams(hparams: dict[str, Any]) -> None:
         if name.endswith("noise_multiplier"):
             if v < 0 or math.isinf(v):
                 raise ValueError(f"{name}={v} must be finite and >= 0 (0 means no noise)")
-        elif name.endswith("clip_norm"):
+        elif name.endswith("clip_norm") or name.startswith("clip_norm["):
             if not v > 0 or math.isinf(v):
                 raise ValueError(f"{name}={v} must be finite and > 0")
         elif name.endswith("_lr") and (v < 0 or math.isinf(v)):
             raise ValueError(f"{name}={v} must be finite and >= 0")
+        elif name == "target_quantile" and not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name}={v} must be in [0, 1] (0.5: the median update norm)")
+        elif name == "clipped_count_stddev" and (v < 0 or math.isinf(v)):
+            raise ValueError(f"{name}={v} must be finite and >= 0")
+    if "clipped_count_stddev" in hparams and "noise_multiplier" in hparams:
+        aggregation.value_noise_multiplier(
+            float(hparams["noise_multiplier"]), float(hparams["clipped_count_stddev"])
+        )
 
 
 def _optimizer(name: str, arg: str):
@@ -211,6 +367,9 @@ class Simulation:
 
         Built from the DP stages and the sampler that build the round, reading the noise
         multipliers from the same hparams the round reads. Empty list for non-private runs.
+        Each noise stage's ``mechanism`` (``"gaussian"``, ``"laplace"``, ``"local_gaussian"``)
+        is passed on; with adaptive clipping the noise multiplier is the round's total ``z``
+        (the deltas get the larger ``z_delta``; see :func:`fedjax_dp.adaptive_clipping`).
         """
         from fedjax_dp import accounting  # host side only
 
@@ -222,13 +381,15 @@ class Simulation:
             cohort_size=s.cohort_size if s.sampling == "fixed" else None,
         )
         out = []
-        for stage in base.dp_stages(self.round.server_stages):
+        stages = (*self.round.client_stages, *self.round.server_stages)
+        for stage in base.dp_stages(stages):
             if stage.noise_multiplier:
                 out.append(
                     accounting.RoundPrivacy(
                         noise_multiplier=float(hparams[stage.noise_multiplier]),
                         unit=stage.unit,
                         compositions=1,
+                        mechanism=stage.mechanism,
                         **common,
                     )
                 )
@@ -242,6 +403,29 @@ class Simulation:
                 )
             )
         return out
+
+
+def _user_dp_stages(config: AlgorithmConfig, sampler) -> tuple[list, list]:
+    """The client and server stages of ``config``'s user-level DP mechanism (none without)."""
+    if not config.user_dp:
+        return [], []
+    if config.adaptive_clipping:
+        clip, noise = aggregation.adaptive_clipping(config.clip_norm, sampler.expected_cohort_size)
+        return [clip], [noise]
+    if config.layer_clip_norms:
+        patterns = [p for p, _ in parse_layer_clip_norms(config.layer_clip_norms)]
+        names = tuple(aggregation.layer_clip_hparam(p) for p in patterns)
+        clip = aggregation.clip_per_layer(list(zip(patterns, names)))
+        sensitivity = names
+    else:
+        norm = "l1" if config.mechanism == "laplace" else "l2"
+        clip = aggregation.clip_per_client("clip_norm", norm=norm)
+        sensitivity = "clip_norm"
+    if config.mechanism == "laplace":
+        return [clip], [aggregation.add_laplace_noise("clip_norm", "noise_multiplier")]
+    if config.mechanism == "local_gaussian":
+        return [clip, aggregation.add_local_gaussian_noise(sensitivity, "noise_multiplier")], []
+    return [clip], [aggregation.add_gaussian_noise(sensitivity, "noise_multiplier")]
 
 
 def _auto_chunk(config, model, data, loss_fn, batch_size, mesh) -> int:
@@ -270,7 +454,12 @@ def _auto_chunk(config, model, data, loss_fn, batch_size, mesh) -> int:
 
 
 def build_simulation(
-    config: AlgorithmConfig, model: Model, data, *, mesh: jax.sharding.Mesh | None = None
+    config: AlgorithmConfig,
+    model: Model,
+    data,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    wrap_client: Callable[[ClientUpdate], ClientUpdate] | None = None,
 ) -> Simulation:
     """Builds the jitted round of ``config`` for ``model`` on the federated ``data``.
 
@@ -280,6 +469,9 @@ def build_simulation(
       data: the training :class:`fedjax_dp.data.FederatedData` (only its static facts are
         used here: population size, largest client, feature shape, classes).
       mesh: optional mesh with an axis ``"clients"`` to shard the cohort over devices.
+      wrap_client: optional ``ClientUpdate -> ClientUpdate`` applied to the config's client
+        update before the round is built (e.g. :func:`fedjax_dp.audit.add_canaries`); the
+        round, its DP stages and its accounting are unchanged.
     """
     config = resolve(config)
     if tuple(data.feature_shape) != tuple(model.input_shape):
@@ -310,14 +502,23 @@ def build_simulation(
         example_dp=config.example_dp,
         clipping_method=config.clipping,
     )
+    if wrap_client is not None:
+        client = wrap_client(client)
     if config.chunk_size is None:
         config = dataclasses.replace(
             config, chunk_size=_auto_chunk(config, model, data, loss_fn, batch_size, mesh)
         )
-    client_stages, server_stages = [], []
-    if config.user_dp:
-        client_stages.append(aggregation.clip_per_client("clip_norm"))
-        server_stages.append(aggregation.add_gaussian_noise("clip_norm", "noise_multiplier"))
+    if config.adaptive_clipping and config.clipped_count_stddev is None:
+        config = dataclasses.replace(
+            config, clipped_count_stddev=0.05 * float(sampler.expected_cohort_size)
+        )
+        check_hparams(hparams_of(config))  # the noise split needs this sigma_b
+    client_stages, server_stages = _user_dp_stages(config, sampler)
+    if config.layer_clip_norms:  # every parameter in exactly one group, checked now
+        aggregation.group_of_leaves(
+            aggregation.leaf_paths(jax.eval_shape(model.init, jax.random.key(0))),
+            [p for p, _ in parse_layer_clip_norms(config.layer_clip_norms)],
+        )
     rnd = build_round(
         client,
         sampler,

@@ -114,13 +114,20 @@ def build_round(
       jit: return ``round_fn`` (state donated) and ``sample`` compiled with ``jax.jit``.
 
     Hyper-parameters read from ``hparams``: ``server_lr`` plus whatever the client update and
-    the stages read.
+    the stages read, except those that a stage's state sets (its ``state_hparams`` hook, e.g.
+    an adaptive clip norm): the round reads them from ``state`` at its start, every stage
+    sees them in ``hparams``, and ``metrics`` reports them under their names. Per-client
+    statistics that client stages declare (``client_stats``) are summed over the cohort's
+    real clients and reach the server stages as ``hparams[name]``.
     """
     if weighting not in ("uniform", "num_examples"):
         raise ValueError(f"weighting={weighting!r} must be 'uniform' or 'num_examples'")
     if denominator not in ("mean", "expected"):
         raise ValueError(f"denominator={denominator!r} must be 'mean' or 'expected'")
     _check_dp_pairing(client_stages, server_stages)
+    stat_names = base.stats_names(client_stages)
+    if any(getattr(s, "client_stats", None) for s in server_stages):
+        raise ValueError("client_stats are per-client statistics: declare them on client stages")
     cohort_size = sampler.cohort_size
     if chunk_size is None:
         chunk_size = min(cohort_size, 64)
@@ -160,15 +167,19 @@ def build_round(
         """
 
         def chunk(carry, xs):
-            total, weight_sum, loss_sum, seen_sum, tx_state = carry
+            total, weight_sum, loss_sum, seen_sum, stat_sums, tx_state = carry
             cid, crow, cmask = xs
             ckeys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(clients_key, cid)
             update_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(ckeys, 0)
             tx_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(ckeys, 1)
             deltas, cm = vmapped_update(params, data, crow, update_keys, hparams)
-            deltas, tx_state = client_tx.update(
-                deltas, tx_state, key=tx_keys, mask=cmask, hparams=hparams
+            # Same keys as chain(*client_stages).update; also the stages' client statistics.
+            deltas, tx_state, stats = base.apply_stages(
+                client_stages, deltas, tx_state, key=tx_keys, mask=cmask, hparams=hparams
             )
+            stat_sums = {
+                k: stat_sums[k] + jnp.sum(jnp.where(cmask, stats[k], 0.0)) for k in stat_names
+            }
             if weighting == "uniform":
                 w = cmask.astype(jnp.float32)
             else:
@@ -176,10 +187,12 @@ def build_round(
             total = jax.tree.map(lambda t, d: t + _masked_weighted_sum(d, w, cmask), total, deltas)
             loss_sum = loss_sum + jnp.sum(jnp.where(cmask, cm["loss_sum"], 0.0))
             seen_sum = seen_sum + jnp.sum(jnp.where(cmask, cm["num_seen"], 0.0))
-            return (total, weight_sum + jnp.sum(w), loss_sum, seen_sum, tx_state), None
+            carry = (total, weight_sum + jnp.sum(w), loss_sum, seen_sum, stat_sums, tx_state)
+            return carry, None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        init_carry = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), tx_state)
+        stat_zeros = {k: jnp.zeros((), jnp.float32) for k in stat_names}
+        init_carry = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), stat_zeros, tx_state)
         n = ids.shape[0] // chunk_size
         xs = tuple(a.reshape(n, chunk_size) for a in (ids, rows, mask))
         carry, _ = jax.lax.scan(chunk, init_carry, xs)
@@ -190,6 +203,7 @@ def build_round(
 
     def round_fn(state: ServerState, data, hparams, key, cohort: Cohort | None = None):
         params = state.params
+        hparams = _with_state_hparams(hparams, state, client_stages, server_stages)
         if cohort is None:
             ids, mask, overflow = sample(key)
             rows = ids
@@ -217,7 +231,7 @@ def build_round(
         mask = jnp.pad(mask, (0, padded - cohort_size))
         clients_key = jax.random.fold_in(key, _CLIENTS)
         if mesh is None:
-            total, weight_sum, loss_sum, seen_sum, tx_state = _scan_chunks(
+            total, weight_sum, loss_sum, seen_sum, stat_sums, tx_state = _scan_chunks(
                 ids, rows, mask, state.client_tx_state, params, data, hparams, clients_key
             )
         else:
@@ -232,7 +246,7 @@ def build_round(
 
             spec, rep = jax.sharding.PartitionSpec("clients"), jax.sharding.PartitionSpec()
             ids, rows, mask = (_place(a, mesh, spec) for a in (ids, rows, mask))
-            total, weight_sum, loss_sum, seen_sum = jax.shard_map(
+            total, weight_sum, loss_sum, seen_sum, stat_sums = jax.shard_map(
                 per_device,
                 mesh=mesh,
                 in_specs=(spec, spec, spec, rep, rep, rep, rep),
@@ -243,12 +257,15 @@ def build_round(
             )(ids, rows, mask, params, data, hparams, clients_key)
             tx_state = state.client_tx_state
 
+        clash = sorted(set(stat_sums) & set(hparams))
+        if clash:
+            raise ValueError(f"client statistics {clash} clash with hparams of the same names")
         total, server_tx_state = server_tx.update(
             total,
             state.server_tx_state,
             key=jax.random.fold_in(key, _SERVER),
             mask=None,
-            hparams=hparams,
+            hparams={**hparams, **stat_sums},
         )
         if denominator == "expected":
             denom = jnp.float32(sampler.expected_cohort_size)
@@ -266,12 +283,30 @@ def build_round(
             "cohort_overflow": overflow,
             "update_norm": base.tree_l2_norm(mean_delta),
         }
+        for name, value in base.state_hparams_of(
+            (*client_stages, *server_stages), (*state.client_tx_state, *state.server_tx_state)
+        ).items():
+            metrics[name] = jnp.asarray(value, jnp.float32)  # the value this round used
         new_state = ServerState(new_params, opt_state, tx_state, server_tx_state, state.round + 1)
         return new_state, metrics
 
     fn = jax.jit(round_fn, donate_argnums=0) if jit else round_fn
     sample_fn = jax.jit(sample) if jit else sample
     return Round(init, fn, tuple(client_stages), tuple(server_stages), sample_fn)
+
+
+def _with_state_hparams(hparams, state: ServerState, client_stages, server_stages) -> dict:
+    """``hparams`` plus the values that the stages' states set for this round."""
+    from_state = base.state_hparams_of(
+        (*client_stages, *server_stages), (*state.client_tx_state, *state.server_tx_state)
+    )
+    clash = sorted(set(from_state) & set(hparams))
+    if clash:
+        raise ValueError(
+            f"hparams {clash} are set by the round's state (e.g. an adaptive clip norm, which "
+            "evolves from round to round); do not pass them in hparams"
+        )
+    return {**hparams, **from_state}
 
 
 def _place(x: jax.Array, mesh: jax.sharding.Mesh, spec) -> jax.Array:
@@ -290,11 +325,37 @@ def _masked_weighted_sum(d: jax.Array, w: jax.Array, mask: jax.Array) -> jax.Arr
 
 
 def _check_dp_pairing(client_stages, server_stages) -> None:
-    """Noise on the sum is only meaningful if a client stage bounds the same sensitivity."""
-    bounded = {(s.sensitivity, s.unit) for s in base.dp_stages(client_stages)}
-    for s in base.dp_stages(server_stages):
-        if s.noise_multiplier and (s.sensitivity, s.unit) not in bounded:
-            raise ValueError(
-                f"a noise stage scales with hparams[{s.sensitivity!r}] but no client stage clips "
-                f"to it, so the sensitivity is unbounded; add clip_per_client({s.sensitivity!r})"
-            )
+    """Noise is only meaningful if an earlier client stage bounds the same sensitivity.
+
+    The bound must be on the same hparam(s), unit and norm (L2 for Gaussian noise, L1 for
+    Laplace noise). Central noise belongs to the server stages; local noise
+    (``mechanism="local_gaussian"``) to the client stages, after the clip stage.
+    """
+    bounded: dict[tuple, int] = {}  # (sensitivity, unit, norm) -> first client stage bounding it
+    for i, s in enumerate(client_stages):
+        if isinstance(s, base.DPTransform) and not s.noise_multiplier:
+            bounded.setdefault((s.sensitivity, s.unit, s.norm), i)
+    for where, stages in (("client", client_stages), ("server", server_stages)):
+        for j, s in enumerate(stages):
+            if not isinstance(s, base.DPTransform) or not s.noise_multiplier:
+                continue
+            local = s.mechanism == "local_gaussian"
+            if local != (where == "client"):
+                raise ValueError(
+                    f"a {s.mechanism} noise stage is a "
+                    f"{'client' if local else 'server'} stage, but it is among the {where} "
+                    "stages"
+                )
+            first = bounded.get((s.sensitivity, s.unit, s.norm))
+            if first is None or (local and first > j):
+                clip = (
+                    f"clip_per_client({s.sensitivity!r}, norm={s.norm!r})"
+                    if isinstance(s.sensitivity, str)
+                    else "clip_per_layer(...) on the same names"
+                )
+                order = " before it" if local else ""
+                raise ValueError(
+                    f"a noise stage scales with hparams[{s.sensitivity!r}] but no client stage "
+                    f"clips to it in the {s.norm.upper()} norm{order}, so the sensitivity is "
+                    f"unbounded; add {clip}{order}"
+                )
