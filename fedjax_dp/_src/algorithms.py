@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -460,6 +460,8 @@ def build_simulation(
     *,
     mesh: jax.sharding.Mesh | None = None,
     wrap_client: Callable[[ClientUpdate], ClientUpdate] | None = None,
+    client_stages: Sequence[base.RoundTransform] = (),
+    server_stages: Sequence[base.RoundTransform] = (),
 ) -> Simulation:
     """Builds the jitted round of ``config`` for ``model`` on the federated ``data``.
 
@@ -472,6 +474,12 @@ def build_simulation(
       wrap_client: optional ``ClientUpdate -> ClientUpdate`` applied to the config's client
         update before the round is built (e.g. :func:`fedjax_dp.audit.add_canaries`); the
         round, its DP stages and its accounting are unchanged.
+      client_stages: your own per-client stages (:class:`fedjax_dp.RoundTransform`, leaves
+        ``[C, *leaf]``), e.g. compression. They run BEFORE the config's DP client stages, so
+        the clip that follows still bounds each client's contribution: the privacy
+        guarantee and its accounting do not depend on what these stages do.
+      server_stages: your own stages on the aggregated sum ``[*leaf]``. They run AFTER the
+        config's server stages (the noise): post-processing, which cannot weaken DP.
     """
     config = resolve(config)
     if tuple(data.feature_shape) != tuple(model.input_shape):
@@ -513,7 +521,15 @@ def build_simulation(
             config, clipped_count_stddev=0.05 * float(sampler.expected_cohort_size)
         )
         check_hparams(hparams_of(config))  # the noise split needs this sigma_b
-    client_stages, server_stages = _user_dp_stages(config, sampler)
+    dp_client, dp_server = _user_dp_stages(config, sampler)
+    for stage in (*client_stages, *server_stages):
+        if isinstance(stage, base.DPTransform):
+            raise ValueError(
+                "client_stages/server_stages take your own RoundTransforms; DP stages come "
+                "from the config (clip_norm, noise_multiplier, mechanism...)"
+            )
+    client_stages = (*client_stages, *dp_client)
+    server_stages = (*dp_server, *server_stages)
     if config.layer_clip_norms:  # every parameter in exactly one group, checked now
         aggregation.group_of_leaves(
             aggregation.leaf_paths(jax.eval_shape(model.init, jax.random.key(0))),

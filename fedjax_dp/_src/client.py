@@ -57,11 +57,11 @@ def build_client_update(
     """Builds the update of one client.
 
     Local data order: each round every client draws fresh uniform permutations of its
-    examples (one per epoch) from its own key; slot ``j = s * B + b`` of step ``s`` holds the
-    example at position ``j mod count`` of permutation ``j // count``. In epoch mode
-    (``local_epochs=E``) ``S = ceil(E * max_count / B)`` and slots past ``E * count`` are
-    masked: every example is used exactly ``E`` times. In step mode (``local_steps=S``) the
-    client cycles through one permutation for ``S`` steps. A step whose batch is entirely
+    examples (one per epoch) from its own key. In epoch mode (``local_epochs=E``) each epoch
+    owns a block of ``ceil(max_count / B)`` steps (``S = E * ceil(max_count / B)``) that
+    visits that epoch's permutation; slots past the client's ``count`` are masked, so every
+    example is used exactly ``E`` times and no batch spans two epochs. In step mode
+    (``local_steps=S``) the client walks its permutations back to back for ``S`` steps. A step whose batch is entirely
     masked leaves parameters and optimizer state untouched.
 
     Hyper-parameters read from ``hparams``: ``client_lr``; with ``example_dp`` also
