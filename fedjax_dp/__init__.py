@@ -17,6 +17,7 @@ from fedjax_dp._src import (
     population,
     sampling,
     sources,
+    sweep,
 )
 from fedjax_dp._src.aggregation import (
     AdaptiveClipState,
@@ -113,5 +114,6 @@ __all__ = [
     "sampling",
     "sensitivity_value",
     "sources",
+    "sweep",
     "value_noise_multiplier",
 ]

@@ -1,9 +1,12 @@
-"""Command line: ``fedjax-dp run|audit CONFIG [--section.option VALUE ...]``.
+"""Command line: ``fedjax-dp run|audit|sweep CONFIG [--section.option VALUE ...]``.
 
 - ``fedjax-dp run CONFIG``: train, evaluate, account (and, with ``privacy.attack``, attack).
 - ``fedjax-dp audit CONFIG``: train the same run with canary clients and print the accounted
   epsilon next to the audited lower bound (:func:`fedjax_dp.audit.run_audit`); options of
   the ``[audit]`` section (``--audit.canaries``, ``--audit.noise_multipliers``...) set it up.
+- ``fedjax-dp sweep CONFIG``: a privacy-utility grid (noise multipliers x seeds, optionally
+  clip norms and learning rates) run as one vectorised simulation
+  (:func:`fedjax_dp.sweep.run_sweep`); options of the ``[sweep]`` section set the grid.
 
 Every option of the config file can be given on the command line, where it overrides the
 file; ``fedjax-dp run --help`` lists them all with their defaults.
@@ -40,8 +43,19 @@ def _build_parser() -> argparse.ArgumentParser:
             "Any option below overrides the file; [audit] options set up the audit."
         ),
     )
+    sweep = sub.add_parser(
+        "sweep",
+        help="privacy-utility sweep: a grid of noise multipliers x seeds in one vmapped run",
+        description=(
+            "Run a grid of noise multipliers x seeds (optionally clip norms and learning "
+            "rates, [sweep] options) as one vectorised simulation: every point trains "
+            "run.rounds rounds of the config's algorithm on the same data. Writes sweep.csv, "
+            "sweep.json, points.jsonl and accuracy_vs_epsilon.png to sweep.output and prints "
+            "a table. Any option below overrides the file."
+        ),
+    )
     defaults = experiment.ExperimentConfig()
-    for command in (run, audit):
+    for command in (run, audit, sweep):
         command.add_argument(
             "config", nargs="?", help="experiment file (.toml, .yaml); omit for defaults"
         )
@@ -80,13 +94,22 @@ def main(argv: list[str] | None = None) -> int:
             from fedjax_dp._src import audit
 
             audit.run_audit(cfg)
+        elif args.command == "sweep":
+            from fedjax_dp._src import sweep
+
+            sweep.run_sweep(cfg)
         else:
             experiment.run(cfg)
     except (ValueError, FileNotFoundError) as e:
         print(f"fedjax-dp: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fedjax-dp: interrupted; metrics written so far are kept", file=sys.stderr)
+        kept = (
+            "metrics and checkpoints written so far are kept (run the same command to resume)"
+            if args.command == "run"
+            else "metrics written so far are kept"
+        )
+        print(f"fedjax-dp: interrupted; {kept}", file=sys.stderr)
         return 130
     return 0
 

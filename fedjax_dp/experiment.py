@@ -12,6 +12,10 @@ import json
 import math
 import os
 import pathlib
+import shutil
+import signal
+import sys
+import threading
 import time
 import types
 import typing
@@ -24,6 +28,7 @@ import tomllib
 
 from fedjax_dp import accounting
 from fedjax_dp._src import attacks as attacks_lib
+from fedjax_dp._src import checkpointing
 from fedjax_dp._src import data as data_lib
 from fedjax_dp._src import models as models_lib
 from fedjax_dp._src import sources as sources_lib
@@ -45,7 +50,22 @@ class RunConfig:
     rounds: int = _field(100, "number of federated rounds")
     eval_every: int = _field(10, "evaluate on held-out data every k rounds (and after the last)")
     output_dir: str = _field("runs/default", "where metrics.jsonl, params.npz, summary.json go")
-    progress: bool = _field(True, "show a progress bar")
+    progress: bool = _field(True, "show a progress bar (round, accuracy, epsilon, rounds/s)")
+    checkpoint_every: int = _field(
+        50,
+        "save a checkpoint (orbax) to output_dir/checkpoints every k rounds and after the last, "
+        "so a killed run loses at most k rounds (0 = no checkpoints)",
+    )
+    resume: bool = _field(
+        True,
+        "continue from the latest checkpoint in output_dir if it is of this config (the same "
+        "command resumes; false: start over, replacing output_dir's checkpoints)",
+    )
+    tensorboard: bool = _field(
+        False,
+        "also write the metrics to output_dir/tensorboard for TensorBoard "
+        "(needs pip install 'fedjax_dp[tensorboard]')",
+    )
 
 
 @dataclasses.dataclass
@@ -98,6 +118,11 @@ class DataConfig:
     sigma: float = _field(1.0, "log-normal sigma of client sizes for partition='quantity_skew'")
     test_fraction: float = _field(0.2, "held-out fraction for evaluation")
     input_shape: list = _field([], "reshape each example to this shape, e.g. [8, 8, 1] for 'cnn'")  # noqa: RUF009
+    partition_seed: int | None = _field(
+        None,
+        "seed of the data: train/test split, client partition, synthetic data (unset: "
+        "run.seed); fix it to vary run.seed (initialisation, sampling, noise) on the same data",
+    )
 
 
 @dataclasses.dataclass
@@ -208,6 +233,45 @@ class AuditConfig:
 
 
 @dataclasses.dataclass
+class SweepConfig:
+    noise_multipliers: list[float] = _field(  # noqa: RUF009
+        [],
+        "fedjax-dp sweep: noise multipliers of the run's DP mechanism (user- or example-level), "
+        "e.g. [0.3, 0.5, 1, 2] (empty: the algorithm's)",
+    )
+    seeds: list[int] = _field(  # noqa: RUF009
+        [],
+        "fedjax-dp sweep: run.seed values (initialisation, sampling, noise; the data stay "
+        "those of data.partition_seed, else run.seed), e.g. [0, 1, 2] (empty: [run.seed])",
+    )
+    clip_norms: list[float] = _field(  # noqa: RUF009
+        [], "fedjax-dp sweep: clip norms of the DP mechanism (empty: the algorithm's)"
+    )
+    client_lrs: list[float] = _field(  # noqa: RUF009
+        [], "fedjax-dp sweep: client learning rates (empty: algorithm.client_lr)"
+    )
+    server_lrs: list[float] = _field(  # noqa: RUF009
+        [], "fedjax-dp sweep: server learning rates (empty: algorithm.server_lr)"
+    )
+    baseline: bool = _field(
+        True,
+        "fedjax-dp sweep: also run the non-private baseline (the same algorithm with noise "
+        "multiplier 0 and clip norm 1e15, i.e. no clipping) for every seed and learning rates",
+    )
+    vectorize: bool = _field(
+        True,
+        "fedjax-dp sweep: run the grid as one vmapped simulation (false: the points one after "
+        "another with the same compiled round)",
+    )
+    parallel: int = _field(
+        0,
+        "fedjax-dp sweep: at most this many points per vmapped group, groups run one after "
+        "another, to bound memory (0: all points in one group)",
+    )
+    output: str = _field("", "fedjax-dp sweep: output folder (empty: run.output_dir/sweep)")
+
+
+@dataclasses.dataclass
 class ExperimentConfig:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -215,9 +279,10 @@ class ExperimentConfig:
     algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
     privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
     audit: AuditConfig = dataclasses.field(default_factory=AuditConfig)
+    sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)
 
 
-SECTIONS = ("run", "data", "model", "algorithm", "privacy", "audit")
+SECTIONS = ("run", "data", "model", "algorithm", "privacy", "audit", "sweep")
 
 
 def option_help(section: str, name: str) -> str:
@@ -235,6 +300,13 @@ def option_type(section: str, name: str) -> Any:
     if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
         t = next(a for a in typing.get_args(t) if a is not type(None))
     return typing.get_origin(t) or t
+
+
+def _list_item_type(section: str, name: str) -> type:
+    """The item type of a list option: ``float`` for ``list[float]``, else ``int``."""
+    cls = type(getattr(ExperimentConfig(), section))
+    args = typing.get_args(typing.get_type_hints(cls)[name])
+    return float if args == (float,) else int
 
 
 def load_config(
@@ -307,10 +379,16 @@ def _coerce(section: str, name: str, value: Any) -> Any:
             value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{where} must be a list, e.g. [64, 64]")
+        item = _list_item_type(section, name)
         try:
+            if item is float:
+                return [float(v) for v in value]
+            if any(isinstance(v, float) and not v.is_integer() for v in value):
+                raise ValueError
             return [int(v) for v in value]
         except (TypeError, ValueError):
-            raise ValueError(f"{where} must be a list of integers") from None
+            kind = "numbers" if item is float else "integers"
+            raise ValueError(f"{where} must be a list of {kind}") from None
     if value is None:
         return None
     try:
@@ -332,14 +410,24 @@ def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- data & model
 
 
+def data_seed(cfg: ExperimentConfig) -> int:
+    """The seed of the data (split, partition): ``data.partition_seed``, else ``run.seed``."""
+    return cfg.run.seed if cfg.data.partition_seed is None else cfg.data.partition_seed
+
+
 def load_data(cfg: ExperimentConfig):
-    """Returns ``(train FederatedData, (x_test, y_test))`` for ``cfg.data``."""
+    """Returns ``(train FederatedData, (x_test, y_test))`` for ``cfg.data``.
+
+    The train/test split, the client partition and synthetic data are drawn with
+    :func:`data_seed` (``data.partition_seed``, else ``run.seed``).
+    """
     d = cfg.data
+    seed = data_seed(cfg)
     num_classes = None
     if d.source in ("digits", "tfds"):
         if d.source == "digits":
             (x, y), (x_test, y_test) = data_lib.load_digits(
-                test_fraction=d.test_fraction, seed=cfg.run.seed
+                test_fraction=d.test_fraction, seed=seed
             )
         else:
             (x, y), (x_test, y_test) = sources_lib.load_tfds(
@@ -353,7 +441,7 @@ def load_data(cfg: ExperimentConfig):
             y,
             num_clients=d.num_clients,
             method=d.partition,
-            seed=cfg.run.seed,
+            seed=seed,
             alpha=d.alpha,
             shards_per_client=d.shards_per_client,
             sigma=d.sigma,
@@ -371,13 +459,13 @@ def load_data(cfg: ExperimentConfig):
         if "x_test" in arrays.files and "y_test" in arrays.files:
             x_test, y_test = arrays["x_test"], arrays["y_test"]
         else:
-            rng = np.random.default_rng(cfg.run.seed)
+            rng = np.random.default_rng(seed)
             test = rng.random(len(y)) < d.test_fraction
             x_test, y_test = x[test], y[test]
             x, y, client_ids = x[~test], y[~test], client_ids[~test]
     elif d.source == "fedprox_synthetic":
         synthetic = sources_lib.fedprox_synthetic(
-            d.alpha, d.beta, num_devices=d.num_devices, iid=d.synthetic_iid, seed=cfg.run.seed
+            d.alpha, d.beta, num_devices=d.num_devices, iid=d.synthetic_iid, seed=seed
         )
         train, test = synthetic.train, synthetic.test
         x, y = train.x, train.y
@@ -385,7 +473,7 @@ def load_data(cfg: ExperimentConfig):
         x_test, y_test = test.x, test.y  # the union of the devices' test sets
         num_classes = train.num_classes
     elif d.source in ("csv", "folder"):
-        x, y, client_ids, x_test, y_test = _load_user_clients(d, cfg.run.seed)
+        x, y, client_ids, x_test, y_test = _load_user_clients(d, seed)
     else:
         raise ValueError(
             f"data.source={d.source!r} must be one of 'digits', 'tfds', 'fedprox_synthetic', "
@@ -470,6 +558,11 @@ def _check(cfg: ExperimentConfig) -> None:
         raise ValueError(f"run.rounds={r.rounds} must be >= 1")
     if r.eval_every < 1:
         raise ValueError(f"run.eval_every={r.eval_every} must be >= 1")
+    if r.checkpoint_every < 0:
+        raise ValueError(
+            f"run.checkpoint_every={r.checkpoint_every} must be >= 0: rounds between "
+            "checkpoints, e.g. 50 (0 = no checkpoints)"
+        )
     if not (0.0 < p.delta < 1.0):  # also rejects NaN
         raise ValueError(f"privacy.delta={p.delta} must be in (0, 1), e.g. 1e-5")
     if not 0.0 <= p.target_epsilon < math.inf:  # also rejects NaN
@@ -690,12 +783,22 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
     """Runs the experiment: trains, evaluates every ``eval_every`` rounds, accounts privacy.
 
     Writes to ``cfg.run.output_dir``: ``config.json``, ``metrics.jsonl`` (one JSON object per
-    evaluation point), ``params.npz`` (final parameters, flattened by path) and
-    ``summary.json``. With ``privacy.attack`` a fraction of the clients is held out of
-    training and the final model is attacked (:func:`attack_metrics`: ``attack_*`` entries
-    of the summary, attack AUC on the final log line).
+    round; evaluation points add ``test_loss``, ``test_accuracy`` and ``elapsed_s``),
+    ``params.npz`` (final parameters, flattened by path) and ``summary.json``; with
+    ``run.tensorboard`` also TensorBoard events. With ``privacy.attack`` a fraction of the
+    clients is held out of training and the final model is attacked (:func:`attack_metrics`:
+    ``attack_*`` entries of the summary, attack AUC on the final log line).
+
+    Every ``run.checkpoint_every`` rounds and after the last it saves a checkpoint to
+    ``output_dir/checkpoints`` (state, accountants, RNG position, metrics so far). With
+    ``run.resume`` a run whose output folder holds a checkpoint of the same config continues
+    from it and ends with the same parameters, metrics and epsilon as a run never stopped;
+    the first Ctrl-C checkpoints the last completed round and stops (see docs/long_runs.md).
     """
     _check(cfg)
+    out_dir = pathlib.Path(cfg.run.output_dir) if write else None
+    writer_cls = _summary_writer_cls() if write and cfg.run.tensorboard else None
+    resume_round = _resume_round(cfg, out_dir)
     train, (x_test, y_test) = load_data(cfg)
     train, held_out = attack_split(cfg, train)
     model = make_model(cfg, train.feature_shape, train.num_classes)
@@ -722,76 +825,137 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
     plan = _privacy_plan(cfg, sim, hparams, log)
     accountants = plan.accountants
 
-    out_dir = pathlib.Path(cfg.run.output_dir) if write else None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-        metrics_file = open(out_dir / "metrics.jsonl", "w")  # noqa: SIM115 - closed in finally
     root = jax.random.key(cfg.run.seed)
     state = sim.init(jax.random.fold_in(root, 0))
-    train_key = jax.random.fold_in(root, 1)
+    train_key = jax.random.fold_in(root, 1)  # round r uses fold_in(train_key, r)
     device_data = train.to_device()
-    bar = _progress(cfg.run.rounds, cfg.run.progress)
-    pending: list[tuple[int, dict[str, Any]]] = []
+    every = cfg.run.checkpoint_every if out_dir is not None else 0
     history: list[dict[str, Any]] = []
-    overflow_total = 0
-    written = 0  # rows of `history` already in metrics.jsonl
-    start = time.perf_counter()
+    start_round, elapsed_before = 0, 0.0
+    ckpts = metrics_file = tb = bar = None
     try:
-        for r in range(cfg.run.rounds):
-            state, metrics = sim.round_fn(
-                state, device_data, plan.hparams_at(r), jax.random.fold_in(train_key, r)
+        if every or resume_round is not None:
+            ckpts = checkpointing.Checkpointer(out_dir / checkpointing.CHECKPOINT_DIR)
+        if resume_round is not None:
+            restored = ckpts.restore(state, resume_round)
+            _check_restored(restored, accountants, plan, train_key)
+            state, history = restored.state, restored.history
+            start_round, elapsed_before = restored.round, restored.elapsed_s
+            log(
+                f"resumed from round {start_round} of {cfg.run.rounds} "
+                f"({out_dir / checkpointing.CHECKPOINT_DIR})"
             )
-            pending.append((r + 1, metrics))
-            last = r + 1 == cfg.run.rounds
-            if (r + 1) % cfg.run.eval_every == 0 or last:
-                # One host sync per evaluation point: fetch the pending rounds' metrics.
-                for rnd, m in zip([i for i, _ in pending], jax.device_get([m for _, m in pending])):
-                    row = {
-                        "round": rnd,
-                        "train_loss": float(m["train_loss"]),
-                        "num_clients": int(m["num_clients"]),
-                        "cohort_overflow": int(m["cohort_overflow"]),
-                    }
-                    if "clip_norm" in m:  # adaptive clipping: the clip norm this round used
-                        row["clip_norm"] = float(m["clip_norm"])
-                    overflow_total += row["cohort_overflow"]
-                    for label, acct in accountants.items():
-                        acct.compose(plan.round_privacy(rnd - 1)[label], 1)
-                        row[f"epsilon_{label}"] = acct.epsilon()
-                    if accountants:
-                        row["delta"] = cfg.privacy.delta
-                    row.update(plan.row_at(rnd - 1))
-                    history.append(row)
-                pending.clear()
+        # A resumed run that is already complete may still owe its last row an evaluation.
+        written = len(history) - int(
+            start_round == cfg.run.rounds > 0 and "test_accuracy" not in history[-1]
+        )
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+            # Rows a killed session wrote after its last checkpoint are cut (they are redone).
+            checkpointing.rewrite_jsonl(out_dir / "metrics.jsonl", history[:written])
+            metrics_file = open(out_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
+            if writer_cls is not None:
+                # purge_step hides the events a killed or earlier session wrote after that row.
+                tb = writer_cls(str(out_dir / "tensorboard"), purge_step=written + 1)
+        bar = _progress(cfg.run.rounds, cfg.run.progress, initial=start_round)
+        pending: list[tuple[int, dict[str, Any]]] = []
+        # Rows since the last evaluation (their mean train loss is logged with it).
+        since_eval = max((i + 1 for i, h in enumerate(history) if "test_accuracy" in h), default=0)
+        _set_postfix(bar, history, accountants, refresh=True)
+        start = time.perf_counter()
+
+        def elapsed() -> float:
+            return elapsed_before + time.perf_counter() - start
+
+        def flush(done: int) -> None:
+            """Rows of the pending rounds (one host sync), the evaluation if ``done`` is an
+            evaluation point, then writes the new rows."""
+            nonlocal written, since_eval
+            for rnd, m in zip([i for i, _ in pending], jax.device_get([m for _, m in pending])):
+                row = {
+                    "round": rnd,
+                    "train_loss": float(m["train_loss"]),
+                    "num_clients": int(m["num_clients"]),
+                    "cohort_overflow": int(m["cohort_overflow"]),
+                }
+                if "clip_norm" in m:  # adaptive clipping: the clip norm this round used
+                    row["clip_norm"] = float(m["clip_norm"])
+                for label, acct in accountants.items():
+                    acct.compose(plan.round_privacy(rnd - 1)[label], 1)
+                    row[f"epsilon_{label}"] = acct.epsilon()
+                if accountants:
+                    row["delta"] = cfg.privacy.delta
+                row.update(plan.row_at(rnd - 1))
+                history.append(row)
+            pending.clear()
+            if not history:
+                return
+            row = history[-1]
+            due = done % cfg.run.eval_every == 0 or done == cfg.run.rounds
+            if due and "test_accuracy" not in row:
                 ev = evaluate(model, state.params, x_test, y_test)
-                row.update(
-                    test_loss=ev["loss"],
-                    test_accuracy=ev["accuracy"],
-                    elapsed_s=time.perf_counter() - start,
-                )
-                if out_dir is not None:
-                    metrics_file.writelines(json.dumps(h) + "\n" for h in history[written:])
-                    metrics_file.flush()
-                recent = history[written:]
-                written = len(history)
-                train_loss = float(np.mean([h["train_loss"] for h in recent]))
+                row.update(test_loss=ev["loss"], test_accuracy=ev["accuracy"], elapsed_s=elapsed())
+                train_loss = float(np.mean([h["train_loss"] for h in history[since_eval:]]))
+                since_eval = len(history)
                 msg = (
-                    f"round {r + 1:>5}/{cfg.run.rounds}  train loss {train_loss:.4f}  "
+                    f"round {done:>5}/{cfg.run.rounds}  train loss {train_loss:.4f}  "
                     f"test loss {ev['loss']:.4f}  accuracy {ev['accuracy']:.4f}"
                 )
                 for unit in accountants:
                     msg += f"  eps({unit}) {row[f'epsilon_{unit}']:.3f}"
                 bar.write(msg)
-                bar.set_postfix(
-                    acc=f"{ev['accuracy']:.3f}",
-                    **{f"eps_{u}": f"{row[f'epsilon_{u}']:.2f}" for u in accountants},
+            _write_rows(history[written:], metrics_file, tb)
+            written = len(history)
+            _set_postfix(bar, history, accountants)
+
+        def save(done: int) -> None:
+            """Checkpoints round ``done`` (all its rows fetched) unless it is on disk."""
+            if every and done and ckpts.latest_round != done:
+                ckpts.save(
+                    done,
+                    state,
+                    history=history,
+                    accountants={label: a.state_dict() for label, a in accountants.items()},
+                    train_key=train_key,
+                    config=to_dict(cfg),
+                    elapsed_s=elapsed(),
                 )
-            bar.update(1)
+
+        done = start_round
+        with _StopOnInterrupt(bool(every)) as stop:
+            for r in range(start_round, cfg.run.rounds):
+                if stop.raised:
+                    break
+                state, metrics = sim.round_fn(
+                    state, device_data, plan.hparams_at(r), jax.random.fold_in(train_key, r)
+                )
+                pending.append((r + 1, metrics))
+                done = r + 1
+                last = done == cfg.run.rounds
+                checkpoint = every and (done % every == 0 or last)
+                # One host sync per evaluation point or checkpoint: the pending rounds' metrics.
+                if done % cfg.run.eval_every == 0 or last or checkpoint:
+                    flush(done)
+                if checkpoint:
+                    save(done)
+                bar.update(1)
+            if stop.raised and done < cfg.run.rounds:
+                flush(done)
+                save(done)
+                log(
+                    f"interrupted after round {done} of {cfg.run.rounds}: checkpoint in "
+                    f"{out_dir / checkpointing.CHECKPOINT_DIR}; run the same command to resume"
+                )
+                raise KeyboardInterrupt
+        if "test_accuracy" not in history[-1]:
+            flush(done)  # a resumed, complete run whose last round was not evaluated
+        total_s = elapsed()
     finally:
-        bar.close()
-        if out_dir is not None:
-            metrics_file.close()
+        for closable in (bar, metrics_file, tb, ckpts):
+            if closable is not None:
+                closable.close()
+    overflow_total = sum(h["cohort_overflow"] for h in history)
     if overflow_total:
         warnings.warn(
             f"Poisson sampling selected {overflow_total} clients more than the static "
@@ -799,7 +963,7 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
             stacklevel=2,
         )
     final = dict(history[-1])  # the last round is always an evaluation point
-    final["rounds_per_s"] = cfg.run.rounds / max(time.perf_counter() - start, 1e-9)
+    final["rounds_per_s"] = cfg.run.rounds / max(total_s, 1e-9)
     final["cohort_overflow"] = overflow_total
     final.update(plan.summary)
     attack = ""
@@ -824,6 +988,70 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
     return RunResult(state.params, final, history, out_dir)
 
 
+def _resume_round(cfg: ExperimentConfig, out_dir: pathlib.Path | None) -> int | None:
+    """The round of the checkpoint in ``out_dir`` to resume from, checked against ``cfg``
+    (``None``: start over; then ``out_dir``'s old checkpoints are removed)."""
+    if out_dir is None:
+        return None
+    directory = out_dir / checkpointing.CHECKPOINT_DIR
+    if not directory.is_dir():
+        return None
+    if cfg.run.resume:
+        ckpts = checkpointing.Checkpointer(directory)
+        try:
+            latest = ckpts.latest_round
+            if latest is not None:
+                checkpointing.check_resumable(
+                    ckpts.read_meta(latest), to_dict(cfg), to_dict(ExperimentConfig())
+                )
+                return latest
+        finally:
+            ckpts.close()
+    shutil.rmtree(directory)
+    return None
+
+
+def _check_restored(restored, accountants, plan, train_key) -> None:
+    """Rebuilds the accountants by composing the restored rounds again, in order, as the run
+    did (so epsilon is bit-identical), and checks them, the RNG position and the state
+    against the checkpoint."""
+    fix = "start over with --run.resume false or choose another --run.output_dir"
+    if restored.train_key != checkpointing.key_fingerprint(train_key):
+        raise ValueError(
+            f"the checkpoint's training key {restored.train_key} is not this run's: was JAX's "
+            f"PRNG implementation (jax_default_prng_impl) changed? Restore it, or {fix}"
+        )
+    if int(restored.state.round) != restored.round or len(restored.history) != restored.round:
+        raise ValueError(f"the checkpoint of round {restored.round} is inconsistent; {fix}")
+    if set(restored.accountants) != set(accountants):
+        raise ValueError(
+            f"the checkpoint accounts {sorted(restored.accountants)}, this run "
+            f"{sorted(accountants)}; {fix}"
+        )
+    for r in range(restored.round):
+        for label, acct in accountants.items():
+            acct.compose(plan.round_privacy(r)[label], 1)
+    for label, acct in accountants.items():
+        saved_eps = restored.history[-1][f"epsilon_{label}"] if restored.history else 0.0
+        same = json.loads(json.dumps(acct.state_dict())) == restored.accountants[label]
+        if not same or acct.epsilon() != saved_eps:
+            raise ValueError(
+                f"the checkpoint's {label}-level accountant differs from this run's rounds "
+                f"(epsilon {saved_eps} saved, {acct.epsilon()} recomputed); {fix}"
+            )
+
+
+def _set_postfix(bar, history, accountants, refresh: bool = False) -> None:
+    """The progress bar's postfix: the latest test accuracy and epsilon."""
+    post = {}
+    acc = next((h["test_accuracy"] for h in reversed(history) if "test_accuracy" in h), None)
+    if acc is not None:
+        post["acc"] = f"{acc:.3f}"
+    if history:
+        post.update({f"eps_{u}": f"{history[-1][f'epsilon_{u}']:.2f}" for u in accountants})
+    bar.set_postfix(post, refresh=refresh)
+
+
 def attack_split(cfg: ExperimentConfig, train):
     """``(held_in, held_out)`` clients for ``privacy.attack`` (``(train, None)`` when off)."""
     if not cfg.privacy.attack:
@@ -842,10 +1070,81 @@ def attack_metrics(model, params, held_in, held_out) -> dict[str, Any]:
     return {f"attack_{k}": v for k, v in result.items()}
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, *, initial: int = 0):
+    """A progress bar over rounds: ``round n/total``, the rate in round/s (of this session's
+    rounds: ``initial`` is where a resumed run starts) and a postfix (accuracy, epsilon)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, disable=not enabled, unit="round", dynamic_ncols=True, leave=False)
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=not enabled,
+        unit="round",
+        dynamic_ncols=True,
+        leave=False,
+        bar_format="round {n_fmt}/{total_fmt} |{bar}| [{elapsed}<{remaining}, {rate_fmt}{postfix}]",
+    )
+
+
+class _StopOnInterrupt:
+    """Turns the first Ctrl-C (SIGINT) into a flag that the round loop checks between rounds,
+    so the run checkpoints its last completed round and stops; a second Ctrl-C stops at once.
+    Only in the main thread (elsewhere Python delivers no signals)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.raised:
+            raise KeyboardInterrupt
+        self.raised = True
+        print(
+            "\ninterrupted: saving a checkpoint after this round (Ctrl-C again to stop now)",
+            file=sys.stderr,
+        )
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            previous = self._previous
+            signal.signal(
+                signal.SIGINT, signal.default_int_handler if previous is None else previous
+            )
+
+
+def _summary_writer_cls():
+    """tensorboardX's ``SummaryWriter`` (a light TensorBoard writer: no TensorFlow)."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        raise ValueError(
+            "run.tensorboard = true needs tensorboardX: pip install 'fedjax_dp[tensorboard]' "
+            "(or set --run.tensorboard false)"
+        ) from None
+    return SummaryWriter
+
+
+# Row entries that are not plotted in TensorBoard (the step is the round).
+_NOT_PLOTTED = ("round", "delta", "elapsed_s")
+
+
+def _write_rows(rows, metrics_file, tb) -> None:
+    """Appends metrics rows to ``metrics.jsonl`` (and TensorBoard), flushed."""
+    if metrics_file is not None:
+        metrics_file.writelines(json.dumps(h) + "\n" for h in rows)
+        metrics_file.flush()
+    if tb is not None:
+        for row in rows:
+            for name, value in row.items():
+                if name not in _NOT_PLOTTED and isinstance(value, (int, float)):
+                    tb.add_scalar(name, value, row["round"])
+        tb.flush()
 
 
 def save_params(path: str | os.PathLike, params) -> None:

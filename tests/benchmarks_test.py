@@ -1,6 +1,6 @@
 """Smoke tests of the benchmarks: `python -m benchmarks.r1 --quick`, `python -m
-benchmarks.scaling --quick`, and the Opacus baseline against the engine (if torch and opacus,
-the `bench` extra, are installed)."""
+benchmarks.scaling --quick`, `python -m benchmarks.sweep --quick`, and the Opacus baseline
+against the engine (if torch and opacus, the `bench` extra, are installed)."""
 
 import importlib.util
 import json
@@ -20,6 +20,12 @@ from benchmarks import r1, scaling
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HAVE_OPACUS = all(importlib.util.find_spec(m) is not None for m in ("torch", "opacus"))
+
+
+def _tmpdir(test) -> str:
+    path = tempfile.mkdtemp()
+    test.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def _run_module(args, timeout=300):
@@ -113,6 +119,32 @@ class ScalingTest(absltest.TestCase):
         self.assertEqual(result["machine"]["cpu_count"], os.cpu_count())
         with open(png, "rb") as f:
             self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+
+class SweepBenchmarkTest(absltest.TestCase):
+    def test_quick_run_times_both_modes_and_they_agree(self):
+        out = os.path.join(_tmpdir(self), "sweep.json")
+        proc = _run_module(["benchmarks.sweep", "--quick", "--out", out])
+        self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+        self.assertIn("| mode | points | rounds | points per call |", proc.stdout)
+        with open(out) as f:
+            result = json.load(f)
+        rows = {r["mode"]: r for r in result["rows"]}
+        self.assertEqual(set(rows), {"vectorized", "sequential"})
+        self.assertEqual(rows["vectorized"]["points_per_call"], 4)  # 2 noise x 2 seeds
+        self.assertEqual(rows["sequential"]["points_per_call"], 1)
+        for r in rows.values():
+            self.assertEqual((r["points"], r["rounds"]), (4, 3))
+            self.assertGreater(r["train_s_median"], 0)
+            self.assertGreater(r["compile_s"], 0)
+        self.assertAlmostEqual(
+            result["speedup_train"],
+            rows["sequential"]["train_s_median"] / rows["vectorized"]["train_s_median"],
+        )
+        # The same points in both modes: same final accuracies and parameters, to rounding.
+        self.assertLess(result["max_abs_accuracy_diff"], 1e-5)
+        self.assertLess(result["max_abs_param_diff"], 1e-5)
+        self.assertEqual(result["machine"]["cpu_count"], os.cpu_count())
 
 
 class OpacusTest(absltest.TestCase):

@@ -66,7 +66,7 @@ class CustomStageTest(absltest.TestCase):
 
     def test_dp_stage_is_refused(self):
         data = _testing.small_data()
-        with self.assertRaisesRegex(ValueError, "DP stages come from the config"):
+        with self.assertRaisesRegex(TypeError, "DP stages come from the config"):
             _sim(data, server_stages=[fedjax_dp.add_gaussian_noise()])
 
     def test_top_k_keeps_k_largest_per_client(self):

@@ -524,7 +524,7 @@ def build_simulation(
     dp_client, dp_server = _user_dp_stages(config, sampler)
     for stage in (*client_stages, *server_stages):
         if isinstance(stage, base.DPTransform):
-            raise ValueError(
+            raise TypeError(
                 "client_stages/server_stages take your own RoundTransforms; DP stages come "
                 "from the config (clip_norm, noise_multiplier, mechanism...)"
             )
