@@ -37,6 +37,41 @@ def tree_flat(tree) -> np.ndarray:
     return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree)])
 
 
+def epoch_schedule(key, count, max_count, batch_size, epochs):
+    """The client's epoch-mode batch schedule as numpy ``(idx[S, B], valid[S, B])``."""
+    idx, valid = client_lib._schedule(
+        key,
+        jnp.int32(count),
+        max_count=max_count,
+        num_steps=epochs * client_lib.steps_per_epoch(max_count, batch_size),
+        batch_size=batch_size,
+        num_perms=epochs,
+        epoch_mode=True,
+    )
+    return np.asarray(idx), np.asarray(valid)
+
+
+def single_and_sharded(config, model, data, mesh, rounds):
+    """Runs ``rounds`` rounds on one device and on ``mesh`` from the same keys.
+
+    Returns ``[(params, [metrics per round]) for single, sharded]``.
+    """
+    sims = [
+        fedjax_dp.build_simulation(config, model, data),
+        fedjax_dp.build_simulation(config, model, data, mesh=mesh),
+    ]
+    dev = data.to_device()
+    hp = sims[0].make_hparams()
+    outs = []
+    for sim in sims:
+        state, history = sim.init(jax.random.key(0)), []
+        for r in range(rounds):
+            state, metrics = sim.round_fn(state, dev, hp, jax.random.key(r))
+            history.append(metrics)
+        outs.append((state.params, history))
+    return outs
+
+
 def loop_clip(deltas_list, clip):
     out = []
     for d in deltas_list:
@@ -97,17 +132,8 @@ def loop_client_sgd(
     order_key, _ = jax.random.split(key)
     offset = int(data.offsets[client_id])
     count = int(data.counts[client_id])
-    num_steps = epochs * client_lib.steps_per_epoch(max_count, batch_size)
-    idx, valid = client_lib._schedule(
-        order_key,
-        jnp.int32(count),
-        max_count=max_count,
-        num_steps=num_steps,
-        batch_size=batch_size,
-        num_perms=epochs,
-        epoch_mode=True,
-    )
-    idx, valid = np.asarray(idx), np.asarray(valid)
+    idx, valid = epoch_schedule(order_key, count, max_count, batch_size, epochs)
+    num_steps = len(idx)
     p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
     x_all, y_all = np.asarray(data.x), np.asarray(data.y)
 

@@ -115,16 +115,10 @@ class ClientUpdateTest(parameterized.TestCase):
 
         num_steps = epochs * client_lib.steps_per_epoch(max_count, batch_size)
         for seed in range(5):
-            idx, valid = client_lib._schedule(
-                jax.random.key(seed),
-                jnp.int32(count),
-                max_count=max_count,
-                num_steps=num_steps,
-                batch_size=batch_size,
-                num_perms=epochs,
-                epoch_mode=True,
+            idx, valid = _testing.epoch_schedule(
+                jax.random.key(seed), count, max_count, batch_size, epochs
             )
-            idx, valid = np.asarray(idx), np.asarray(valid)
+            self.assertEqual(idx.shape, (num_steps, batch_size))
             uses = np.zeros(count, int)
             for s in range(num_steps):
                 rows = idx[s][valid[s]]

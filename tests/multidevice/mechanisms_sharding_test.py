@@ -27,18 +27,10 @@ class ShardedMechanismsTest(parameterized.TestCase):
             name="dp_fedavg", cohort_size=13, batch_size=3, client_lr=0.3, chunk_size=2, **kw
         )
         mesh = jax.make_mesh((8,), ("clients",))
-        single = fedjax_dp.build_simulation(config, model, data)
-        sharded = fedjax_dp.build_simulation(config, model, data, mesh=mesh)
-        dev = data.to_device()
-        hp = single.make_hparams()
-        outs = []
-        for sim in (single, sharded):
-            state = sim.init(jax.random.key(0))
-            clips = []
-            for r in range(3):
-                state, metrics = sim.round_fn(state, dev, hp, jax.random.key(r))
-                clips.append(float(metrics.get("clip_norm", np.nan)))
-            outs.append((state.params, clips))
+        outs = [
+            (params, [float(m.get("clip_norm", np.nan)) for m in history])
+            for params, history in _testing.single_and_sharded(config, model, data, mesh, 3)
+        ]
         _testing.assert_trees_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=1e-5)
         if config.adaptive_clipping:  # the clip norm moved, identically on both

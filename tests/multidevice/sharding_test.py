@@ -30,16 +30,10 @@ class ShardedRoundTest(parameterized.TestCase):
             kw.update(example_clip_norm=0.5, example_noise_multiplier=0.7)
         config = fedjax_dp.AlgorithmConfig(**kw)
         mesh = jax.make_mesh((devices,), ("clients",), devices=jax.devices()[:devices])
-        single = fedjax_dp.build_simulation(config, model, data)
-        sharded = fedjax_dp.build_simulation(config, model, data, mesh=mesh)
-        dev = data.to_device()
-        hp = single.make_hparams()
-        outs = []
-        for sim in (single, sharded):
-            state = sim.init(jax.random.key(0))
-            for r in range(2):
-                state, metrics = sim.round_fn(state, dev, hp, jax.random.key(r))
-            outs.append((state.params, metrics))
+        outs = [
+            (params, history[-1])
+            for params, history in _testing.single_and_sharded(config, model, data, mesh, 2)
+        ]
         _testing.assert_trees_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(
             float(outs[0][1]["train_loss"]), float(outs[1][1]["train_loss"]), rtol=1e-5
