@@ -798,11 +798,12 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
     _check(cfg)
     out_dir = pathlib.Path(cfg.run.output_dir) if write else None
     writer_cls = _summary_writer_cls() if write and cfg.run.tensorboard else None
-    resume_round = _resume_round(cfg, out_dir)
     train, (x_test, y_test) = load_data(cfg)
     train, held_out = attack_split(cfg, train)
     model = make_model(cfg, train.feature_shape, train.num_classes)
     sim = build_simulation(algorithm_config(cfg), model, train)
+    # After every option is validated: bad input is reported as such, not as a config change.
+    resume_round = _resume_round(cfg, out_dir)
     hparams = sim.make_hparams()
     privacy = sim.round_privacy({k: float(v) for k, v in hparams.items()})
     if privacy and cfg.privacy.delta >= 1.0 / train.num_clients:
