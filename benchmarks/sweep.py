@@ -166,8 +166,9 @@ def run(args) -> dict:
 def breakdown(sweep, reps: int = 200) -> dict:
     """Where a sequential round's time goes: the whole round vs its client updates alone.
 
-    Times ``sim.round_fn`` (one point) and ``jit(vmap(sim.client.update))`` over all the static
-    cohort's slots (as the round runs them, padding included) from the same parameters; then the
+    Times ``sim.round_fn`` (one point) and ``jit(vmap(sim.client.update))`` over as many slots
+    as the round computes on average (its chunks up to the last real client: the real clients
+    and the padding that shares their chunks) from the same parameters; then the
     same client updates for every point of the sweep in one call, the points' parameters
     stacked and the cohort's batches shared (as the settings of one seed share them in the
     vectorised sweep, which also chunks them). Vectorising over points saves the rest of the
@@ -177,7 +178,13 @@ def breakdown(sweep, reps: int = 200) -> dict:
     import jax.numpy as jnp
 
     sim, data = sweep.sim, sweep.train_data.to_device()
-    cohort = sim.sampler.cohort_size
+    chunk = sim.config.chunk_size
+    active = []
+    for r in range(reps):
+        mask = np.asarray(sim.round.sample(jax.random.key(r)).mask)
+        last = int(np.max(np.nonzero(mask)[0], initial=-1))
+        active.append((last + chunk) // chunk * chunk)
+    cohort = max(1, round(float(np.mean(active))))
     params = sim.model.init(jax.random.key(0))
     hp = {k: jnp.asarray(v, jnp.float32) for k, v in sim.make_hparams().items()}
     ids = jnp.arange(cohort) % sweep.train_data.num_clients
@@ -214,7 +221,9 @@ def breakdown(sweep, reps: int = 200) -> dict:
     update_s = timed(update, params, data, ids, keys, hp)
     vectorized_update_s = timed(many, stacked, data, ids, keys, hp) / points
     return {
-        "cohort_slots": cohort,
+        "cohort_slots": sim.sampler.cohort_size,
+        "computed_slots": cohort,
+        "chunk_size": chunk,
         "expected_cohort": float(sim.sampler.expected_cohort_size),
         "round_s": round_s,
         "client_updates_s": update_s,
@@ -296,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         b = result["breakdown"]
         print(
             f"breakdown: sequential round {1e3 * b['round_s']:.2f} ms, of which its client "
-            f"updates ({b['cohort_slots']} cohort slots, ~{b['expected_cohort']:g} real) "
+            f"updates (~{b['expected_cohort']:g} real clients; chunks of {b['chunk_size']} up "
+            f"to the last one: ~{b['computed_slots']} of {b['cohort_slots']} slots) "
             f"{1e3 * b['client_updates_s']:.2f} ms ({b['client_updates_share']:.0%}); the same "
             f"updates for all {result['grid']['points']} points: "
             f"{1e3 * b['vectorized_client_updates_s_per_point']:.2f} ms per point (one call, "

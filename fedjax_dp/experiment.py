@@ -779,6 +779,16 @@ def _privacy_plan(cfg: ExperimentConfig, sim, hparams, log) -> _PrivacyPlan:
     )
 
 
+def warn_overflow(total: int, what: str, where: str) -> None:
+    """Warns when Poisson sampling selected more clients than the static cohort holds."""
+    if total:
+        warnings.warn(
+            f"Poisson sampling selected {total} clients more than the static cohort size "
+            f"over {what}; they were left out (see {where})",
+            stacklevel=3,
+        )
+
+
 def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
     """Runs the experiment: trains, evaluates every ``eval_every`` rounds, accounts privacy.
 
@@ -957,12 +967,7 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
             if closable is not None:
                 closable.close()
     overflow_total = sum(h["cohort_overflow"] for h in history)
-    if overflow_total:
-        warnings.warn(
-            f"Poisson sampling selected {overflow_total} clients more than the static "
-            "cohort size over the run; they were left out (see cohort_overflow)",
-            stacklevel=2,
-        )
+    warn_overflow(overflow_total, "the run", "cohort_overflow in metrics.jsonl")
     final = dict(history[-1])  # the last round is always an evaluation point
     final["rounds_per_s"] = cfg.run.rounds / max(total_s, 1e-9)
     final["cohort_overflow"] = overflow_total

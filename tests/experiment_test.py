@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 
 import dp_accounting
 import numpy as np
@@ -136,6 +137,15 @@ class ConfigTest(parameterized.TestCase):
         )
         result = experiment.run(cfg, write=False, log=lambda *_: None)
         self.assertGreater(result.final["test_accuracy"], 0.8)
+
+
+class OverflowWarningTest(absltest.TestCase):
+    def test_warns_only_when_clients_were_left_out(self):
+        with self.assertWarnsRegex(UserWarning, "selected 3 clients more .* over the run"):
+            experiment.warn_overflow(3, "the run", "cohort_overflow")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            experiment.warn_overflow(0, "the run", "cohort_overflow")
 
 
 class CliTest(absltest.TestCase):

@@ -162,6 +162,79 @@ class ClientUpdateTest(parameterized.TestCase):
         np.testing.assert_allclose(np.asarray(total), [4.0, 6.0])
 
 
+class PaddingSkipTest(parameterized.TestCase):
+    """Chunks after the last real client are not computed, and skipping them changes nothing."""
+
+    _T, _F = True, False
+
+    def _round(self, mask, extra_stages=()):
+        data = _testing.small_data()
+        sim = _sim(data, name="dp_fedavg", clip_norm=0.1, noise_multiplier=0.5)
+        ids = jnp.arange(10, dtype=jnp.int32)
+        seen = []
+
+        def update(params, d, cid, key, hp):
+            jax.debug.callback(lambda c: seen.extend(np.ravel(c).tolist()), cid)
+            return sim.client.update(params, d, cid, key, hp)
+
+        sampler = fedjax_dp.sampling.CohortSampler(
+            lambda key: (ids, jnp.asarray(mask), jnp.zeros((), jnp.int32)),
+            10,
+            5.0,
+            "poisson",
+            data.num_clients,
+            0.5,
+        )
+        rnd = round_lib.build_round(
+            sim.client._replace(update=update),
+            sampler,
+            client_stages=(*extra_stages, *sim.round.client_stages),
+            server_stages=sim.round.server_stages,
+            denominator="expected",
+            chunk_size=2,
+        )
+        params = sim.init(jax.random.key(0)).params
+        state, metrics = rnd.round_fn(
+            rnd.init(params), data.to_device(), sim.make_hparams(), jax.random.key(1)
+        )
+        jax.effects_barrier()
+        return state.params, sorted(set(seen)), metrics
+
+    @parameterized.parameters(
+        ((_T, _T, _T) + (_F,) * 7, 4),  # the last real client is in chunk 1: 2 chunks
+        ((_T,) + (_F,) * 4 + (_T,) + (_F,) * 4, 6),  # holes: up to the last real client
+        ((_F,) * 10, 0),
+        ((_T,) * 10, 10),
+    )
+    def test_only_chunks_up_to_the_last_real_client_run(self, mask, computed):
+        params, seen, metrics = self._round(mask)
+        self.assertEqual(seen, list(range(computed)))
+        self.assertEqual(int(metrics["num_clients"]), sum(mask))
+        # A stateful client stage makes the round compute every chunk, as before: the
+        # skipped chunks added exact zeros, so the results are bit-identical.
+        counter = fedjax_dp.RoundTransform(
+            init=lambda p: jnp.zeros((), jnp.int32),
+            update=lambda x, s, *, key, mask, hparams: (x, s + 1),
+        )
+        full, seen_full, _ = self._round(mask, extra_stages=(counter,))
+        self.assertEqual(seen_full, list(range(10)))
+        jax.tree.map(np.testing.assert_array_equal, params, full)
+
+    def test_poisson_auto_chunk_is_at_most_half_the_expected_cohort(self):
+        data = _testing.small_data(num_clients=200)
+        model = fedjax_dp.get_model("mlp", data.feature_shape, data.num_classes, hidden=(5,))
+        config = fedjax_dp.AlgorithmConfig(
+            sampling="poisson", sampling_rate=0.1, cohort_size=None, batch_size=3
+        )
+        sim = fedjax_dp.build_simulation(config, model, data)
+        self.assertEqual(sim.sampler.expected_cohort_size, 20.0)
+        self.assertEqual(sim.config.chunk_size, 10)
+        fixed = fedjax_dp.build_simulation(
+            dataclasses.replace(config, sampling="fixed", cohort_size=20), model, data
+        )
+        self.assertEqual(fixed.config.chunk_size, 20)  # the memory budget allows all 20
+
+
 class NoiseTest(parameterized.TestCase):
     """The noise actually added has std sigma*C/denominator: accept it, reject 2/3 and 3/2."""
 

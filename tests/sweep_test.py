@@ -306,6 +306,31 @@ class ConfigTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, pattern):
             sweep_lib.Sweep(cfg, log=_quiet)
 
+    def test_noise_schedule_reaches_every_round_of_every_setting(self):
+        cfg = experiment.load_config(
+            CONFIG,
+            {
+                **TINY,
+                "run.rounds": 6,
+                "privacy.noise_schedule": "linear",
+                "privacy.noise_end_ratio": 0.5,
+                "privacy.noise_schedule_stages": 3,
+            },
+        )
+        sw = sweep_lib.Sweep(cfg, log=_quiet)
+        j = sw._names.index("noise_multiplier")
+        self.assertEqual(sw._table.shape[0], 6)
+        for i, st in enumerate(sw.settings):
+            want = [
+                sw._round_hparams(i, r)["noise_multiplier"] if not st.baseline else 0.0
+                for r in range(6)
+            ]
+            np.testing.assert_array_equal(sw._table[:, i, j], np.float32(want))
+            if not st.baseline:  # three stages from sigma down to sigma / 2
+                self.assertLen(set(want), 3)
+                self.assertAlmostEqual(want[0], st.noise_multiplier, places=6)
+                self.assertAlmostEqual(want[-1], st.noise_multiplier / 2, places=6)
+
     def test_target_epsilon_calibrates_once(self):
         cfg = experiment.load_config(
             CONFIG,

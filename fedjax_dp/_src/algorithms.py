@@ -429,7 +429,13 @@ def _user_dp_stages(config: AlgorithmConfig, sampler) -> tuple[list, list]:
 
 
 def _auto_chunk(config, model, data, loss_fn, batch_size, mesh) -> int:
-    """Chunk size from the memory budget (see :mod:`fedjax_dp._src.memory`)."""
+    """Chunk size from the memory budget (see :mod:`fedjax_dp._src.memory`).
+
+    With Poisson sampling it is also at most half the expected cohort (per device): the
+    round stops after the chunk holding the last real client, so smaller chunks skip most
+    of the padding slots (a cohort of about 30 padded to 73 slots computes 2-3 chunks of 15
+    instead of all 73 slots; ``benchmarks/RESULTS.md``, sweeps).
+    """
     params = jax.eval_shape(model.init, jax.random.key(0))
     x = jax.ShapeDtypeStruct((batch_size, *data.feature_shape), data.x.dtype)
     y = jax.ShapeDtypeStruct((batch_size,), data.y.dtype)
@@ -441,7 +447,8 @@ def _auto_chunk(config, model, data, loss_fn, batch_size, mesh) -> int:
     if config.sampling == "poisson":
         cohort = sampling.poisson(data.num_clients, config.sampling_rate).cohort_size
     budget = None if config.memory_budget_mb is None else int(config.memory_budget_mb * 2**20)
-    return memory.auto_chunk_size(
+    num_devices = 1 if mesh is None else int(dict(mesh.shape).get("clients", 1))
+    chunk = memory.auto_chunk_size(
         cohort,
         loss_fn,
         params,
@@ -449,8 +456,12 @@ def _auto_chunk(config, model, data, loss_fn, batch_size, mesh) -> int:
         y,
         per_example_grads=per_example,
         budget_bytes=budget,
-        num_devices=1 if mesh is None else int(dict(mesh.shape).get("clients", 1)),
+        num_devices=num_devices,
     )
+    if config.sampling == "poisson":
+        expected = data.num_clients * config.sampling_rate / num_devices
+        chunk = min(chunk, max(1, math.ceil(expected / 2)))
+    return chunk
 
 
 def build_simulation(

@@ -1,6 +1,6 @@
 """Automatic chunk size: how many clients to ``vmap`` together within a memory budget.
 
-A round processes its cohort in chunks (``lax.scan`` over ``vmap``): working memory is
+A round processes its cohort in chunks (a loop over ``vmap``): working memory is
 O(chunk x per-client footprint) whatever the cohort size, and larger chunks give bigger
 matrix products. The per-client footprint is estimated from the model, without compiling:
 the parameters and their optimiser/gradient/noise/delta copies, plus the intermediates of

@@ -1,10 +1,15 @@
 """Assembles one federated round into a single pure function, compiled once.
 
 ``round_fn(state, data, hparams, key) -> (state, metrics)`` runs, with no Python loop over
-clients: cohort sampling on device; for each chunk of the cohort (``lax.scan``) the client
-updates (``vmap``), the per-client stages (e.g. clipping) and a streaming weighted sum; then
-the server stages on the sum (e.g. Gaussian noise), division by the denominator, and the
-server optax optimizer on the pseudo-gradient ``-mean_delta``.
+clients: cohort sampling on device; for each chunk of the cohort (a loop on device) the
+client updates (``vmap``), the per-client stages (e.g. clipping) and a streaming weighted
+sum; then the server stages on the sum (e.g. Gaussian noise), division by the denominator,
+and the server optax optimizer on the pseudo-gradient ``-mean_delta``.
+
+The chunk loop stops after the chunk that holds the last real client: a Poisson cohort
+(real clients first, then padding up to its static size) computes only its real clients'
+chunks. Skipped chunks would add exact zeros, so results are bit-identical to computing
+them all (with stateful client stages every chunk still runs).
 
 ``round_fn(state, cohort_data, hparams, key, cohort)`` is the same round on a cohort sampled
 and gathered beforehand (:meth:`Round.sample`, then e.g.
@@ -105,12 +110,15 @@ def build_round(
       denominator: ``"mean"`` divides by the sum of weights of the real clients (data
         dependent: not for DP); ``"expected"`` divides by the sampler's public expected cohort
         size (DP-FedAvg's fixed denominator).
-      chunk_size: clients processed together (``vmap``); chunks run one after another
-        (``lax.scan``) so memory is O(chunk_size x model). Default: the whole cohort up to 64.
+      chunk_size: clients processed together (``vmap``); chunks run one after another, so
+        memory is O(chunk_size x model), up to the chunk holding the last real client.
+        Default: the whole cohort up to 64 (smaller chunks skip more Poisson padding).
       mesh: optional device mesh with an axis ``"clients"``: the cohort is split over it
-        (``jax.shard_map``); each device scans over its own chunks and the linear aggregates
-        are reduced with ``psum``. Parameters and data are replicated. Results equal the
-        single-device round up to float summation order. Client stages must be stateless.
+        (``jax.shard_map``; slot ``i`` to device ``i % devices``, so the real clients of a
+        Poisson cohort spread evenly); each device loops over its own chunks and the linear
+        aggregates are reduced with ``psum``. Parameters and data are replicated. Results
+        equal the single-device round up to float summation order. Client stages must be
+        stateless.
       jit: return ``round_fn`` (state donated) and ``sample`` compiled with ``jax.jit``.
 
     Hyper-parameters read from ``hparams``: ``server_lr`` plus whatever the client update and
@@ -195,8 +203,22 @@ def build_round(
         init_carry = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), stat_zeros, tx_state)
         n = ids.shape[0] // chunk_size
         xs = tuple(a.reshape(n, chunk_size) for a in (ids, rows, mask))
-        carry, _ = jax.lax.scan(chunk, init_carry, xs)
-        return carry
+        if jax.tree.leaves(tx_state):
+            # A stateful client stage sees every chunk, padding included, as it always has.
+            carry, _ = jax.lax.scan(chunk, init_carry, xs)
+            return carry
+        # Chunks after the last real client hold only padding, which adds exact zeros: stop
+        # there (a Poisson cohort puts its real clients first, so most padding is skipped).
+        # The same chunks are summed in the same order, so the result is bit-identical.
+        # Under vmap (sweeps) the loop runs to the largest count in the batch.
+        num_active = (jnp.max(jnp.where(mask, jnp.arange(mask.shape[0]), -1)) + chunk_size) // (
+            chunk_size
+        )
+
+        def body(i, carry):
+            return chunk(carry, tuple(a[i] for a in xs))[0]
+
+        return jax.lax.fori_loop(0, num_active, body, init_carry)
 
     def sample(key) -> Cohort:
         return Cohort(*sampler.sample(jax.random.fold_in(key, _SAMPLE)))
@@ -245,7 +267,12 @@ def build_round(
                 return jax.lax.psum(tuple(sums), "clients")
 
             spec, rep = jax.sharding.PartitionSpec("clients"), jax.sharding.PartitionSpec()
-            ids, rows, mask = (_place(a, mesh, spec) for a in (ids, rows, mask))
+            # Slot i goes to device i % num_devices, so the real clients at the front of a
+            # Poisson cohort are spread evenly and every device skips its share of padding.
+            ids, rows, mask = (
+                _place(a.reshape(-1, num_devices).T.reshape(-1), mesh, spec)
+                for a in (ids, rows, mask)
+            )
             total, weight_sum, loss_sum, seen_sum, stat_sums = jax.shard_map(
                 per_device,
                 mesh=mesh,

@@ -350,17 +350,16 @@ class Sweep:
         varying = self._noise_key is not None and self.cfg.privacy.noise_schedule != "constant"
         steps = rounds if varying else 1
         table = np.zeros((steps, len(self.settings), len(self._names)), np.float32)
-        cache: dict[tuple[int, int], float] = {}
+        noise_of: dict[int, np.ndarray] = {}  # id(plan) -> f32[steps]; plans live in _plans
         for i in range(len(self.settings)):
-            for r in range(steps):
-                hp = self._hparams[i]
-                plan = self._plans.get(i)
-                if plan is not None and self._noise_key is not None:
-                    value = plan.hparams_at(r)[self._noise_key]
-                    if (id(plan), id(value)) not in cache:
-                        cache[(id(plan), id(value))] = float(value)
-                    hp = {**hp, self._noise_key: cache[(id(plan), id(value))]}
-                table[r, i] = [hp[n] for n in self._names]
+            table[:, i] = [self._hparams[i][n] for n in self._names]
+            plan = self._plans.get(i)
+            if plan is not None and self._noise_key is not None:
+                if id(plan) not in noise_of:
+                    noise_of[id(plan)] = np.asarray(
+                        [plan.hparams_at(r)[self._noise_key] for r in range(steps)], np.float32
+                    )
+                table[:, i, self._names.index(self._noise_key)] = noise_of[id(plan)]
         return table
 
     def epsilons(self) -> list[dict[str, float]]:
@@ -991,13 +990,11 @@ def run_sweep(cfg, *, write: bool = True, log: Callable[[str], Any] = print) -> 
     )
     results, params, timing = sweep.train()
     epsilons = sweep.epsilons()
-    overflow = sum(r["cohort_overflow"] for r in results)
-    if overflow:
-        warnings.warn(
-            f"Poisson sampling selected {overflow} clients more than the static cohort size "
-            "over the sweep's runs; they were left out (see cohort_overflow in points.jsonl)",
-            stacklevel=2,
-        )
+    experiment.warn_overflow(
+        sum(r["cohort_overflow"] for r in results),
+        "the sweep's runs",
+        "cohort_overflow in points.jsonl",
+    )
     points = []
     for i, res in enumerate(results):
         s, seed = sweep.point(i)

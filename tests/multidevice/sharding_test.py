@@ -40,6 +40,27 @@ class ShardedRoundTest(parameterized.TestCase):
         )
         self.assertEqual(int(outs[1][1]["num_clients"]), cohort)
 
+    def test_sharded_poisson_cohort_equals_single_device(self):
+        """Real clients first, slots dealt round-robin: each device skips its padding chunks."""
+        data = _testing.small_data(num_clients=40)
+        model = fedjax_dp.get_model("mlp", data.feature_shape, data.num_classes, hidden=(5,))
+        config = fedjax_dp.AlgorithmConfig(
+            name="dp_fedavg",
+            sampling="poisson",
+            sampling_rate=0.3,
+            cohort_size=None,
+            batch_size=3,
+            client_lr=0.3,
+            chunk_size=2,
+            clip_norm=0.1,
+            noise_multiplier=0.7,
+        )
+        mesh = jax.make_mesh((8,), ("clients",))
+        (p1, h1), (p8, h8) = _testing.single_and_sharded(config, model, data, mesh, 3)
+        _testing.assert_trees_close(p1, p8, rtol=1e-5, atol=1e-6)
+        self.assertEqual([int(m["num_clients"]) for m in h1], [int(m["num_clients"]) for m in h8])
+        self.assertGreater(int(h8[-1]["num_clients"]), 0)
+
     def test_mesh_without_clients_axis(self):
         data = _testing.small_data()
         model = fedjax_dp.get_model("mlp", data.feature_shape, data.num_classes)
