@@ -9,12 +9,17 @@ Modes, side by side in one process, on the same :class:`fedjax_dp.sweep.Sweep` (
 grid, hyper-parameters and keys):
 
 - ``vectorized``: all points in one jitted call per round (``Sweep.train(vectorize=True)``):
-  ``vmap`` over seeds of ``vmap`` over settings of ``sim.round_fn``, the data shared by all
-  points and each seed's keys by its settings; the evaluation vmapped too.
+  ``vmap`` over settings of ``sim.round_fn`` for each seed, the seeds vmapped too or (on CPU,
+  the default; ``--seeds``) one after another within the call (``lax.map``), the data shared
+  by all points and each seed's keys by its settings; the evaluation vmapped too.
 - ``sequential``: the same points one after another with the engine's compiled round
   (``Sweep.train(vectorize=False)``), exactly as ``fedjax-dp run`` drives it: one
   ``sim.round_fn`` call per round, compiled once and reused by all runs, evaluation every
   ``eval_every`` rounds, one host sync per evaluation.
+
+With ``--cli``, also end to end as a user runs it: the ``fedjax-dp sweep`` command against
+one ``fedjax-dp run`` process per point (each starting Python and JAX, loading the data and
+compiling), final accuracies compared.
 
 Each mode is compiled first (``Sweep.compile``, timed and reported apart), then trained
 ``--repeats`` times, the modes alternating; the table reports the median training time, the
@@ -30,6 +35,7 @@ Usage::
     python -m benchmarks.sweep --set algorithm.sampling=fixed --set algorithm.cohort_size=10
     python -m benchmarks.sweep --quick               # smoke test: tiny grid, 3 rounds
     python -m benchmarks.sweep --breakdown           # + round vs its client updates alone
+    python -m benchmarks.sweep --cli                 # + fedjax-dp sweep vs one fedjax-dp run per point
 
 Writes a markdown table (stdout) and a JSON file (``--out``).
 """
@@ -69,14 +75,14 @@ def _parse_set(items: list[str]) -> dict[str, str]:
     return out
 
 
-def _make_sweep(config: Path, overrides: dict, chunk: int):
+def _make_sweep(config: Path, overrides: dict, chunk: int, seeds_in_sequence=None):
     from fedjax_dp import experiment
     from fedjax_dp import sweep as sweep_lib
 
     cfg = experiment.load_config(
         config, {**overrides, "algorithm.chunk_size": chunk, "run.progress": False}
     )
-    return sweep_lib.Sweep(cfg, log=lambda *_: None)
+    return sweep_lib.Sweep(cfg, log=lambda *_: None, seeds_in_sequence=seeds_in_sequence)
 
 
 def run(args) -> dict:
@@ -89,10 +95,11 @@ def run(args) -> dict:
         overrides["run.rounds"] = args.rounds
     overrides.update(_parse_set(args.set))
     seq = _make_sweep(args.config, overrides, args.seq_chunk_size)
+    seeds_in_sequence = {"auto": None, "sequence": True, "vmap": False}[args.seeds]
     vec = (
         seq
-        if args.vec_chunk_size == args.seq_chunk_size
-        else _make_sweep(args.config, overrides, args.vec_chunk_size)
+        if args.vec_chunk_size == args.seq_chunk_size and seeds_in_sequence is None
+        else _make_sweep(args.config, overrides, args.vec_chunk_size, seeds_in_sequence)
     )
     cfg = seq.cfg
     compile_s = {
@@ -129,6 +136,7 @@ def run(args) -> dict:
                 "rounds": rounds,
                 "points_per_call": timing[mode]["points_per_group"],
                 "chunk_size": timing[mode]["chunk_size"],
+                "seeds_in_sequence": timing[mode]["seeds_in_sequence"],
                 "compile_s": compile_s[mode],
                 "train_s_median": med,
                 "train_s_all": times[mode],
@@ -161,6 +169,71 @@ def run(args) -> dict:
         "machine": {**r1.machine(), "device": str(jax.devices()[0])},
         "loadavg_1min": load,
     }
+
+
+def cli_comparison(config: Path, overrides: dict) -> dict:
+    """End to end, as a user runs it: ``fedjax-dp sweep`` against one ``fedjax-dp run`` per
+    point, each a fresh process (start-up, data, compilation, training, evaluation, files).
+
+    The runs get ``--run.seed``, the point's noise multiplier and no checkpoints (the sweep
+    writes none); their final accuracies are compared with the sweep's points.
+    """
+    import subprocess
+    import tempfile
+
+    from fedjax_dp import experiment
+
+    sets = [f"--{k}={_cli_value(v)}" for k, v in overrides.items()]
+    cfg = experiment.load_config(config, overrides)
+    cmd = [sys.executable, "-m", "fedjax_dp"]
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        subprocess.run(
+            [*cmd, "sweep", str(config), *sets, "--run.progress=false", f"--sweep.output={tmp}"],
+            check=True,
+            capture_output=True,
+        )
+        sweep_s = time.perf_counter() - start
+        lines = (Path(tmp) / "points.jsonl").read_text().splitlines()
+        sweep_acc = {
+            (p["noise_multiplier"], p["seed"]): p["test_accuracy"] for p in map(json.loads, lines)
+        }
+        runs_s, diffs = [], []
+        for (noise, seed), acc in sweep_acc.items():
+            out = Path(tmp) / f"run_{noise}_{seed}"
+            start = time.perf_counter()
+            subprocess.run(
+                [
+                    *cmd,
+                    "run",
+                    str(config),
+                    *sets,
+                    f"--run.seed={seed}",
+                    f"--algorithm.noise_multiplier={noise}",
+                    f"--run.output_dir={out}",
+                    "--run.progress=false",
+                    "--run.checkpoint_every=0",
+                ],
+                check=True,
+                capture_output=True,
+            )
+            runs_s.append(time.perf_counter() - start)
+            summary = json.loads((out / "summary.json").read_text())
+            diffs.append(abs(summary["test_accuracy"] - acc))
+            print(f"  run {len(runs_s)}/{len(sweep_acc)}: {runs_s[-1]:.1f} s", file=sys.stderr)
+    return {
+        "points": len(sweep_acc),
+        "rounds": cfg.run.rounds,
+        "sweep_command_s": sweep_s,
+        "run_commands_s": sum(runs_s),
+        "run_command_s_each": runs_s,
+        "speedup": sum(runs_s) / sweep_s,
+        "max_abs_accuracy_diff": max(diffs),
+    }
+
+
+def _cli_value(v) -> str:
+    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
 
 
 def breakdown(sweep, reps: int = 200) -> dict:
@@ -241,7 +314,8 @@ def table(result: dict) -> str:
     base = result["rows"][1]["train_s_median"]
     for r in result["rows"]:
         out.append(
-            f"| {r['mode']} | {r['points']} | {r['rounds']} | {r['points_per_call']} "
+            f"| {r['mode']}{' (seeds in sequence)' * r['seeds_in_sequence']} "
+            f"| {r['points']} | {r['rounds']} | {r['points_per_call']} "
             f"| {r['chunk_size']} | {r['compile_s']:.1f} | {r['train_s_median']:.2f} "
             f"| {r['point_rounds_per_s']:.0f} | {base / r['train_s_median']:.2f}x |"
         )
@@ -271,6 +345,18 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="vectorised chunk size per point (0: the engine's budget split over the points)",
     )
+    p.add_argument(
+        "--seeds",
+        choices=("auto", "sequence", "vmap"),
+        default="auto",
+        help="vectorised mode: seeds one after another in each call (lax.map) or vmapped "
+        "(auto: in sequence on CPU, as fedjax-dp sweep does)",
+    )
+    p.add_argument(
+        "--cli",
+        action="store_true",
+        help="also time fedjax-dp sweep against one fedjax-dp run process per point",
+    )
     p.add_argument("--out", type=Path, default=None, help=f"JSON file (default {DEFAULT_OUT})")
     p.add_argument("--quick", action="store_true", help="smoke test: 2 x 2 points, 3 rounds")
     p.add_argument(
@@ -287,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     if args.breakdown:
         result["breakdown"] = breakdown(_make_sweep(args.config, result["overrides"], 0))
+    if args.cli:
+        result["cli"] = cli_comparison(args.config, result["overrides"])
     result["wall_s"] = time.perf_counter() - start
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -311,6 +399,13 @@ def main(argv: list[str] | None = None) -> int:
             f"updates for all {result['grid']['points']} points: "
             f"{1e3 * b['vectorized_client_updates_s_per_point']:.2f} ms per point (one call, "
             "unchunked, the cohort's batches shared)"
+        )
+    if args.cli:
+        c = result["cli"]
+        print(
+            f"end to end: fedjax-dp sweep {c['sweep_command_s']:.1f} s vs {c['points']} "
+            f"fedjax-dp run processes {c['run_commands_s']:.1f} s = {c['speedup']:.1f}x; max "
+            f"|accuracy difference| {c['max_abs_accuracy_diff']:.2g}"
         )
     print(f"wrote {out}")
     return 0

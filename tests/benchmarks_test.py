@@ -124,9 +124,10 @@ class ScalingTest(absltest.TestCase):
 class SweepBenchmarkTest(absltest.TestCase):
     def test_quick_run_times_both_modes_and_they_agree(self):
         out = os.path.join(_tmpdir(self), "sweep.json")
-        proc = _run_module(["benchmarks.sweep", "--quick", "--out", out])
+        proc = _run_module(["benchmarks.sweep", "--quick", "--cli", "--out", out])
         self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
         self.assertIn("| mode | points | rounds | points per call |", proc.stdout)
+        self.assertIn("end to end: fedjax-dp sweep", proc.stdout)
         with open(out) as f:
             result = json.load(f)
         rows = {r["mode"]: r for r in result["rows"]}
@@ -145,6 +146,12 @@ class SweepBenchmarkTest(absltest.TestCase):
         self.assertLess(result["max_abs_accuracy_diff"], 1e-5)
         self.assertLess(result["max_abs_param_diff"], 1e-5)
         self.assertEqual(result["machine"]["cpu_count"], os.cpu_count())
+        # End to end: each `fedjax-dp run` process reproduces its point of `fedjax-dp sweep`.
+        cli = result["cli"]
+        self.assertEqual(cli["points"], 4)
+        self.assertLen(cli["run_command_s_each"], 4)
+        self.assertLess(cli["max_abs_accuracy_diff"], 1e-5)
+        self.assertAlmostEqual(cli["speedup"], cli["run_commands_s"] / cli["sweep_command_s"])
 
 
 class OpacusTest(absltest.TestCase):

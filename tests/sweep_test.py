@@ -74,6 +74,7 @@ class SweepTest(absltest.TestCase):
             "point_equals_single_run",
             "baseline_equals_single_run_without_clipping_or_noise",
             "vectorized_equals_sequential",
+            "seeds_vmapped_equals_seeds_in_sequence",
             "outputs",
             "epsilon_per_setting_is_the_accountants",
             "spread_over_seeds",
@@ -152,6 +153,18 @@ class SweepTest(absltest.TestCase):
             self.assertAlmostEqual(v["test_accuracy"], s["test_accuracy"], places=5)
             self.assertEqual([c["round"] for c in v["curve"]], [2, 3])
             self.assertEqual(v["cohort_overflow"], s["cohort_overflow"])
+
+    def _check_seeds_vmapped_equals_seeds_in_sequence(self):
+        # On CPU run_sweep maps over the seeds; the vmap over seeds (accelerators) agrees.
+        self.assertEqual(self.result.timing["seeds_in_sequence"], jax.default_backend() == "cpu")
+        other = sweep_lib.Sweep(
+            self.cfg, log=_quiet, seeds_in_sequence=not self.result.timing["seeds_in_sequence"]
+        )
+        points, params, timing = other.train(vectorize=True)
+        self.assertNotEqual(timing["seeds_in_sequence"], self.result.timing["seeds_in_sequence"])
+        np.testing.assert_allclose(_flat(self.result.params), _flat(params), rtol=1e-5, atol=1e-6)
+        for a, b in zip(self.result.points, points, strict=True):
+            self.assertAlmostEqual(a["test_accuracy"], b["test_accuracy"], places=5)
 
     def _check_outputs(self):
         out = pathlib.Path(self.out)

@@ -10,7 +10,11 @@ round (``sim.round_fn(state, data, hparams, key)``), so every point runs the sam
 round. The sweep stacks the points' server states ``[seeds, settings]``, hyper-parameters
 ``[settings]`` and keys ``[seeds]``, and one jitted call per round trains all points:
 ``vmap`` over seeds (states, keys) of ``vmap(sim.round_fn, in_axes=(0, None, 0, None))`` over
-settings (states, hparams), on one shared copy of the data. Within a seed the key is not
+settings (states, hparams), on one shared copy of the data. On CPU the seeds run one after
+another inside the same call (``lax.map`` instead of the outer ``vmap``): same results,
+compiles in about 3 s instead of 5 on the digits sweep and trains as fast, because a CPU has
+no idle lanes for a wider batch to fill, while under a ``vmap`` over seeds every seed's chunk
+loop runs to the largest of their cohorts. Within a seed the key is not
 batched, so what depends on the key alone (the cohort, the local data order, the gathered
 batches, the noise draws, which the settings then scale) is computed once per seed, and a
 batch's product with the settings' weights becomes one larger matrix product. Evaluation is
@@ -201,14 +205,26 @@ class Sweep:
         norms, client and server learning rates), the baseline settings last.
       seeds: the seeds; point ``i`` is ``(settings[i // len(seeds)], seeds[i % len(seeds)])``.
       unit: ``"user"`` or ``"example"``: the level of the DP mechanism (``None``: no DP).
+      seeds_in_sequence: whether a vectorised group runs its seeds one after another within
+        each round's call (``lax.map``) rather than vmapped; default: on CPU (see the module
+        docstring). Results are the same either way.
     """
 
-    def __init__(self, cfg, *, log: Callable[[str], Any] = print):
+    def __init__(
+        self,
+        cfg,
+        *,
+        log: Callable[[str], Any] = print,
+        seeds_in_sequence: bool | None = None,
+    ):
         from fedjax_dp import experiment
 
         experiment._check(cfg)
         check(cfg)
         self.cfg, self._log = cfg, log
+        if seeds_in_sequence is None:
+            seeds_in_sequence = jax.default_backend() == "cpu"
+        self.seeds_in_sequence = bool(seeds_in_sequence)
         self.train_data, (self.x_test, self.y_test) = experiment.load_data(cfg)
         self.model = experiment.make_model(
             cfg, self.train_data.feature_shape, self.train_data.num_classes
@@ -419,8 +435,9 @@ class Sweep:
     def _step(self, shape: tuple[int, int]):
         """``jit(step)``: one round of a ``[seeds, settings]`` group of points.
 
-        ``vmap`` over seeds (states, keys) of ``vmap`` over settings (states, hparams) of
-        the round; the data are shared by all points, and each seed's key by its settings, so
+        ``vmap`` (or, with ``seeds_in_sequence``, ``lax.map``) over seeds (states, keys) of
+        ``vmap`` over settings (states, hparams) of the round; the data are shared by all
+        points, and each seed's key by its settings, so
         what derives from the key alone (cohort, local data order, gathered batches, noise
         draws) is computed once per seed, and a batch's product with the settings' weights
         is one larger matrix product.
@@ -434,6 +451,10 @@ class Sweep:
                 hparams = {name: row[:, j] for j, name in enumerate(names)}
                 keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(train_keys, r)
                 per_setting = jax.vmap(round_fn, in_axes=(0, None, 0, None))
+                if self.seeds_in_sequence:
+                    return jax.lax.map(
+                        lambda sk: per_setting(sk[0], data, hparams, sk[1]), (states, keys)
+                    )
                 return jax.vmap(per_setting, in_axes=(0, None, None, 0))(
                     states, data, hparams, keys
                 )
@@ -596,6 +617,7 @@ class Sweep:
             "points": self.num_points,
             "points_per_group": group,
             "group_shape": list(shape) if vectorize else [1, 1],  # [seeds, settings]
+            "seeds_in_sequence": bool(vectorize and self.seeds_in_sequence),
             "chunk_size": int(
                 self.vector_sim(group).config.chunk_size
                 if vectorize
@@ -983,7 +1005,8 @@ def run_sweep(cfg, *, write: bool = True, log: Callable[[str], Any] = print) -> 
         + f" x {len(sweep.seeds)} seeds = {sweep.num_points} points, "
         + (
             f"vectorised in {n_groups} group{'s' * (n_groups > 1)} of {shape[0]} seeds x "
-            f"{shape[1]} settings (chunk {chunk} clients per point)"
+            f"{shape[1]} settings (chunk {chunk} clients per point"
+            + ("; seeds in sequence)" if sweep.seeds_in_sequence and shape[0] > 1 else ")")
             if vectorize
             else f"one after another (chunk {chunk})"
         )
