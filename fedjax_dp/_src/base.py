@@ -32,10 +32,12 @@ class RoundTransform(NamedTuple):
       init: ``params -> state``.
       update: ``(x, state, *, key, mask, hparams) -> (x, state)``. Client stages receive
         leaves ``[C, *leaf]``, per-client keys ``key[C]`` and ``mask: bool[C]``; server
-        stages receive leaves ``[*leaf]``, one key and ``mask=None``.
+        stages receive leaves ``[*leaf]``, one key and ``mask=None``. Stateless client
+        stages are not called on chunks after the one holding the last real client (only
+        padding there); stages with state see every chunk.
       client_stats: optional, client stages only: ``name -> fn(x, *, hparams) -> f32[C]``,
         per-client scalars computed from the stage's INPUT ``x`` (leaves ``[C, *leaf]``).
-        The round sums each over the real clients of the cohort (through the chunk scan
+        The round sums each over the real clients of the cohort (through the chunk loop
         and, on a mesh, across devices) and the server stages read the sums as
         ``hparams[name]``. A released statistic is a DP query like the deltas: the stage
         that consumes it must noise it (e.g. :func:`fedjax_dp.adaptive_clipping`).
