@@ -855,6 +855,12 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
             log(
                 f"resumed from round {start_round} of {cfg.run.rounds} "
                 f"({out_dir / checkpointing.CHECKPOINT_DIR})"
+                + (
+                    ": this run is already complete, showing its results; to train again "
+                    "pass --run.resume false or another --run.output_dir"
+                    if start_round == cfg.run.rounds
+                    else ""
+                )
             )
         # A resumed run that is already complete may still owe its last row an evaluation.
         written = len(history) - int(

@@ -155,7 +155,8 @@ def test_changed_config_is_refused_and_resume_false_starts_over(tmp_path):
     # Options that do not change the result may change: the complete run is just reloaded.
     _, same = _config(tmp_path, **{"run.rounds": 3, "run.eval_every": 1, "run.progress": True})
     _, logs = _run(same)
-    assert any(line.startswith("resumed from round 3 of 3") for line in logs)
+    (line,) = [line for line in logs if line.startswith("resumed from round 3 of 3")]
+    assert "already complete" in line and "--run.resume false" in line
 
     _, fresh = _config(
         tmp_path, **{"run.rounds": 3, "algorithm.client_lr": 0.1, "run.resume": False}
