@@ -175,8 +175,9 @@ def cli_comparison(config: Path, overrides: dict) -> dict:
     """End to end, as a user runs it: ``fedjax-dp sweep`` against one ``fedjax-dp run`` per
     point, each a fresh process (start-up, data, compilation, training, evaluation, files).
 
-    The runs get ``--run.seed``, the point's noise multiplier and no checkpoints (the sweep
-    writes none); their final accuracies are compared with the sweep's points.
+    The runs get ``--run.seed``, the sweep's data seed, the point's noise multiplier and no
+    checkpoints (the sweep writes none); their final accuracies are compared with the
+    sweep's points. Grids of noise multipliers x seeds only.
     """
     import subprocess
     import tempfile
@@ -185,6 +186,11 @@ def cli_comparison(config: Path, overrides: dict) -> dict:
 
     sets = [f"--{k}={_cli_value(v)}" for k, v in overrides.items()]
     cfg = experiment.load_config(config, overrides)
+    other_axes = [a for a in ("clip_norms", "client_lrs", "server_lrs") if getattr(cfg.sweep, a)]
+    if other_axes or cfg.sweep.baseline:
+        extra = ", ".join(f"sweep.{a}" for a in other_axes) or "sweep.baseline"
+        raise SystemExit(f"--cli compares noise x seed grids only; this one also has {extra}")
+    sets.append(f"--data.partition_seed={experiment.data_seed(cfg)}")
     cmd = [sys.executable, "-m", "fedjax_dp"]
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -259,7 +265,7 @@ def breakdown(sweep, reps: int = 200) -> dict:
         active.append((last + chunk) // chunk * chunk)
     cohort = max(1, round(float(np.mean(active))))
     params = sim.model.init(jax.random.key(0))
-    hp = {k: jnp.asarray(v, jnp.float32) for k, v in sim.make_hparams().items()}
+    hp = sim.make_hparams()
     ids = jnp.arange(cohort) % sweep.train_data.num_clients
     keys = jax.random.split(jax.random.key(1), cohort)
     update = jax.jit(jax.vmap(sim.client.update, in_axes=(None, None, 0, 0, None)))

@@ -188,7 +188,7 @@ def write_markdown(summary: dict, path: pathlib.Path) -> None:
         "",
         (
             f"| setting | rounds | seed {seed0}: final acc. | seed {seed0}: mean acc. last "
-            "10 rounds | final acc. per seed | mean +- std over seeds | wall time per seed |"
+            "10 rounds | final acc. per seed | mean +- std (ddof 0) over seeds | wall time per seed |"
         ),
         "|---|---|---|---|---|---|---|",
     ]

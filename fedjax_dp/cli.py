@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: v for k, v in vars(args).items() if "." in k}
     from fedjax_dp import experiment
 
+    cfg = None
     try:
         cfg = experiment.load_config(args.config, overrides)
         if args.command == "audit":
@@ -104,11 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedjax-dp: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        kept = (
-            "metrics and checkpoints written so far are kept (run the same command to resume)"
-            if args.command == "run"
-            else "metrics written so far are kept"
-        )
+        if args.command == "run" and cfg is not None and cfg.run.checkpoint_every > 0:
+            kept = "checkpoints written so far are kept (run the same command to resume)"
+        elif args.command == "run" and cfg is not None:
+            kept = "run.checkpoint_every = 0: nothing to resume from, the run starts over"
+        else:
+            kept = "nothing to resume from; run the command again"
         print(f"fedjax-dp: interrupted; {kept}", file=sys.stderr)
         return 130
     return 0

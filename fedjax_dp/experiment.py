@@ -1,7 +1,7 @@
 """Experiments: configuration files, the host loop over rounds, metrics and outputs.
 
 The host loop runs over ROUNDS only; everything inside a round is one jitted call. Round
-metrics stay on device until the next evaluation point, so rounds are dispatched without a
+metrics stay on device until the next evaluation point or checkpoint, so rounds are dispatched without a
 host sync in between.
 """
 
@@ -779,6 +779,16 @@ def _privacy_plan(cfg: ExperimentConfig, sim, hparams, log) -> _PrivacyPlan:
     )
 
 
+def warn_delta(delta: float, num_clients: int) -> None:
+    """Warns when delta is not below 1/population (it would allow leaking a whole client)."""
+    if delta >= 1.0 / num_clients:
+        warnings.warn(
+            f"privacy.delta={delta} is not below 1/population "
+            f"({1.0 / num_clients:.3g}); choose a smaller delta",
+            stacklevel=3,
+        )
+
+
 def warn_overflow(total: int, what: str, where: str) -> None:
     """Warns when Poisson sampling selected more clients than the static cohort holds."""
     if total:
@@ -803,7 +813,8 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
     ``output_dir/checkpoints`` (state, accountants, RNG position, metrics so far). With
     ``run.resume`` a run whose output folder holds a checkpoint of the same config continues
     from it and ends with the same parameters, metrics and epsilon as a run never stopped;
-    the first Ctrl-C checkpoints the last completed round and stops (see docs/long_runs.md).
+    the first Ctrl-C checkpoints the last completed round and stops (with
+    ``run.checkpoint_every > 0``, on the main thread; see docs/long_runs.md).
     """
     _check(cfg)
     out_dir = pathlib.Path(cfg.run.output_dir) if write else None
@@ -816,12 +827,8 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
     resume_round = _resume_round(cfg, out_dir)
     hparams = sim.make_hparams()
     privacy = sim.round_privacy({k: float(v) for k, v in hparams.items()})
-    if privacy and cfg.privacy.delta >= 1.0 / train.num_clients:
-        warnings.warn(
-            f"privacy.delta={cfg.privacy.delta} is not below 1/population "
-            f"({1.0 / train.num_clients:.3g}); choose a smaller delta",
-            stacklevel=2,
-        )
+    if privacy:
+        warn_delta(cfg.privacy.delta, train.num_clients)
     desc = (
         f"{sim.config.name} on {train.num_clients} clients "
         f"({sim.sampler.sampling} cohort ~{sim.sampler.expected_cohort_size:g})"

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +14,28 @@ import numpy as np
 import fedjax_dp
 from fedjax_dp._src import base
 from fedjax_dp._src import client as client_lib
+
+
+def cli_output(argv: list[str], stream: str = "stderr") -> tuple[int, str]:
+    """Runs ``fedjax-dp`` in this process: ``(exit code, what it wrote to stream)``."""
+    from fedjax_dp import cli
+
+    buf = io.StringIO()
+    redirect = contextlib.redirect_stderr if stream == "stderr" else contextlib.redirect_stdout
+    with redirect(buf):
+        try:
+            code = cli.main(argv)
+        except SystemExit as e:  # --help and argparse errors exit
+            code = e.code
+    return code, buf.getvalue()
+
+
+def cli_subprocess(*args: str) -> subprocess.CompletedProcess:
+    """Runs ``python -m fedjax_dp *args`` in a fresh process (text output, no check)."""
+    return subprocess.run(
+        [sys.executable, "-m", "fedjax_dp", *args], capture_output=True, text=True, check=False
+    )
+
 
 # The round's key purposes, restated here so the loop reference derives keys independently.
 SAMPLE, CLIENTS, SERVER = 0, 1, 2

@@ -174,7 +174,6 @@ class RunWithAttackTest(absltest.TestCase):
             self.assertIn(key, summary)
             self.assertEqual(summary[key], result.final[key])
         self.assertEqual((summary["attack_held_in"], summary["attack_held_out"]), (225, 75))
-        self.assertBetween(summary["attack_auc"], 0.0, 1.0)
         final_line = next(line for line in logs if line.startswith("final accuracy"))
         self.assertIn(f"attack AUC {summary['attack_auc']:.3f}", final_line)
 

@@ -6,16 +6,16 @@ import math
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
 import tempfile
 
+import dp_accounting
 import jax
 import numpy as np
 from absl.testing import absltest, parameterized
 
 import fedjax_dp
 from fedjax_dp import audit, cli, experiment
+from tests import _testing
 
 
 def _tail(r, q, v):
@@ -231,8 +231,10 @@ class AuditTest(absltest.TestCase):
     def test_correct_run_stays_below_the_accounted_epsilon(self):
         for seed in (1, 2, 3):
             result = self._run("none", seed)
-            # 4 Gaussian rounds at sigma 4 (q = 1): epsilon about 2.2 at delta 1e-5
-            self.assertBetween(result.accounted_epsilon, 1.8, 2.6)
+            # 4 Gaussian rounds at sigma 4 (q = 1), RDP at delta 1e-5, from dp_accounting.
+            rdp = dp_accounting.rdp.RdpAccountant()
+            rdp.compose(dp_accounting.GaussianDpEvent(4.0), 4)
+            self.assertAlmostEqual(result.accounted_epsilon, rdp.get_epsilon(1e-5), places=6)
             self.assertLess(result.epsilon_lower_bound, result.accounted_epsilon)
             self.assertBetween(result.num_included, 200, 300)
 
@@ -296,7 +298,6 @@ class AuditCommandTest(absltest.TestCase):
         self.assertEqual(row["num_canaries"], 100)
         self.assertGreater(row["epsilon_lower_bound"], 0.0)  # noiseless canaries stand out
         self.assertEqual((row["attack_held_in"], row["attack_held_out"]), (100, 100))
-        self.assertBetween(row["attack_auc"], 0.0, 1.0)
         self.assertEqual(doc["config"]["audit"]["canaries"], 100)
         text = "\n".join(logs)
         self.assertIn("noise multiplier 0: accounted epsilon inf, audited lower bound", text)
@@ -328,28 +329,19 @@ class AuditCommandTest(absltest.TestCase):
         self.assertEqual(table[3], "| 2 | 5.250 | 0.500 | 60 / 100 |")
 
     def test_bad_noise_multipliers_name_the_option(self):
-        with absltest.mock.patch("sys.stderr") as stderr:
-            code = cli.main(["audit", "--audit.noise_multipliers", "1,two"])
+        code, text = _testing.cli_output(["audit", "--audit.noise_multipliers", "1,two"])
         self.assertEqual(code, 2)
-        text = "".join(c.args[0] for c in stderr.write.call_args_list)
         self.assertIn("audit.noise_multipliers", text)
 
     def test_bad_audit_option_is_one_clear_line(self):
-        proc = subprocess.run(
-            [sys.executable, "-m", "fedjax_dp", "audit", "--audit.fault", "typo"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        proc = _testing.cli_subprocess("audit", "--audit.fault", "typo")
         self.assertEqual(proc.returncode, 2)
         self.assertIn("audit.fault", proc.stderr)
         self.assertNotIn("Traceback", proc.stderr)
 
     def test_audit_help_lists_audit_options(self):
-        parser = cli._build_parser()
-        with self.assertRaises(SystemExit), absltest.mock.patch("sys.stdout") as stdout:
-            parser.parse_args(["audit", "--help"])
-        text = "".join(c.args[0] for c in stdout.write.call_args_list)
+        code, text = _testing.cli_output(["audit", "--help"], stream="stdout")
+        self.assertEqual(code, 0)
         for name in experiment.AuditConfig.__dataclass_fields__:
             self.assertIn(f"--audit.{name}", text)
 

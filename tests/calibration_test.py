@@ -167,7 +167,6 @@ class CalibrateTest(parameterized.TestCase):
             1e12, delta=DELTA, rounds=1, sampling="poisson", num_clients=10, sampling_rate=1.0
         )
         self.assertEqual(sigma, accounting.MIN_CALIBRATED_NOISE_MULTIPLIER)
-        self.assertLessEqual(_epsilon_of(sigma, 1, **CASES["user_poisson_rdp"]), 1e12)
 
     @parameterized.named_parameters(
         ("zero_target", {"target_epsilon": 0.0}, "target_epsilon"),

@@ -8,12 +8,14 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from unittest import mock
 
 import dp_accounting
 import numpy as np
 from absl.testing import absltest, parameterized
 
 from fedjax_dp import accounting, cli, experiment
+from tests import _testing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO = ROOT / "experiments" / "digits_dp_fedavg.toml"
@@ -185,22 +187,24 @@ class CliTest(absltest.TestCase):
         self.assertEqual(saved["algorithm"]["name"], "dp_fedavg")  # from the file
         self.assertLen(_read(out, "metrics.jsonl").splitlines(), 2)
 
+    def test_interrupt_message_says_whether_the_run_can_resume(self):
+        def interrupted(cfg, **_):
+            raise KeyboardInterrupt
+
+        for every, want in (("50", "run the same command to resume"), ("0", "starts over")):
+            with mock.patch.object(experiment, "run", interrupted):
+                code, text = _testing.cli_output(
+                    ["run", str(DEMO), "--run.checkpoint_every", every]
+                )
+            self.assertEqual(code, 130)
+            self.assertIn(want, text)
+
     def test_bad_input_is_one_clear_line(self):
-        proc = subprocess.run(
-            [sys.executable, "-m", "fedjax_dp", "run", str(DEMO), "--algorithm.name", "fedfoo"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        proc = _testing.cli_subprocess("run", str(DEMO), "--algorithm.name", "fedfoo")
         self.assertEqual(proc.returncode, 2)
         self.assertIn("unknown algorithm name 'fedfoo'", proc.stderr)
         self.assertNotIn("Traceback", proc.stderr)
-        proc = subprocess.run(
-            [sys.executable, "-m", "fedjax_dp", "run", "missing.toml"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        proc = _testing.cli_subprocess("run", "missing.toml")
         self.assertEqual(proc.returncode, 2)
         self.assertIn("not found", proc.stderr)
 

@@ -337,6 +337,14 @@ class FedProxSyntheticTest(parameterized.TestCase):
         self.assertAlmostEqual(dist1, 4.0, delta=1.0)
         self.assertLess(var0, 0.01)
         self.assertAlmostEqual(var1, 1.0, delta=0.3)
+        # alpha is the standard deviation of u_k (as the reference's code has it), not its
+        # variance: at alpha = 0.5 the spread is 2.5 and the variance 0.25, not 3 and 0.5.
+        half = sources.fedprox_synthetic(0.5, 0.5, num_devices=300, seed=5)
+        dist_half, var_half = spread(half)
+        self.assertAlmostEqual(dist_half, 2.5, delta=0.25)
+        self.assertAlmostEqual(var_half, 0.25, delta=0.1)
+        # Likewise beta: Var_k(mean_j v_kj) = beta^2 + 1/60.
+        self.assertAlmostEqual(np.var(half.input_means.mean(1)), 0.25 + 1 / 60, delta=0.1)
 
     def test_heterogeneity_grows_from_0_0_to_1_1(self):
         def stats(alpha, beta):

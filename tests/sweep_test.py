@@ -16,6 +16,7 @@ from absl.testing import absltest, parameterized
 
 from fedjax_dp import accounting, cli, experiment
 from fedjax_dp import sweep as sweep_lib
+from tests import _testing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "experiments" / "digits_sweep.toml"
@@ -199,6 +200,11 @@ class SweepTest(absltest.TestCase):
         self.assertIn("1e+15", doc["baseline"])
         points = [json.loads(line) for line in (out / "points.jsonl").read_text().splitlines()]
         self.assertLen(points, 6)
+        for i, point in enumerate(points):  # the hparams the round is called with
+            want = self.sweep._round_hparams(self.sweep.point(i)[0], 0)
+            self.assertEqual(set(point["hparams"]), set(want))
+            for k, v in want.items():
+                self.assertAlmostEqual(point["hparams"][k], v, places=6, msg=k)
         with open(out / "accuracy_vs_epsilon.png", "rb") as f:
             self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
 
@@ -399,18 +405,14 @@ class CliTest(absltest.TestCase):
             )
 
     def test_error_is_one_clear_line(self):
-        with absltest.mock.patch("sys.stderr") as stderr:
-            code = cli.main(["sweep", str(CONFIG), "--privacy.target_epsilon", "2"])
+        code, text = _testing.cli_output(["sweep", str(CONFIG), "--privacy.target_epsilon", "2"])
         self.assertEqual(code, 2)
-        text = "".join(c.args[0] for c in stderr.write.call_args_list)
         self.assertIn("privacy.target_epsilon", text)
         self.assertIn("sweep.noise_multipliers", text)
 
     def test_help_lists_sweep_options(self):
-        parser = cli._build_parser()
-        with self.assertRaises(SystemExit), absltest.mock.patch("sys.stdout") as stdout:
-            parser.parse_args(["sweep", "--help"])
-        text = "".join(c.args[0] for c in stdout.write.call_args_list)
+        code, text = _testing.cli_output(["sweep", "--help"], stream="stdout")
+        self.assertEqual(code, 0)
         for name in experiment.SweepConfig.__dataclass_fields__:
             self.assertIn(f"--sweep.{name}", text)
         self.assertIn("--data.partition_seed", text)

@@ -256,8 +256,8 @@ def add_laplace_noise(
 
     def update(total, state, *, key, mask=None, hparams):
         del mask
-        scale = jnp.asarray(hparams[noise_multiplier], jnp.float32) * jnp.asarray(
-            hparams[clip_norm], jnp.float32
+        scale = jnp.asarray(hparams[noise_multiplier], jnp.float32) * base.sensitivity_value(
+            clip_norm, hparams, norm="l1"
         )
         leaves, treedef = jax.tree.flatten(total)
         keys = jax.random.split(key, len(leaves))

@@ -428,7 +428,7 @@ def _user_dp_stages(config: AlgorithmConfig, sampler) -> tuple[list, list]:
     return [clip], [aggregation.add_gaussian_noise(sensitivity, "noise_multiplier")]
 
 
-def _auto_chunk(config, model, data, loss_fn, batch_size, mesh) -> int:
+def _auto_chunk(config, model, data, loss_fn, batch_size, mesh, sampler) -> int:
     """Chunk size from the memory budget (see :mod:`fedjax_dp._src.memory`).
 
     With Poisson sampling it is also at most half the expected cohort (per device): the
@@ -443,13 +443,10 @@ def _auto_chunk(config, model, data, loss_fn, batch_size, mesh) -> int:
         config.clipping == "per_example"
         or isinstance(clipping_lib.discover_layers(loss_fn, params, x, y), str)
     )
-    cohort = config.cohort_size
-    if config.sampling == "poisson":
-        cohort = sampling.poisson(data.num_clients, config.sampling_rate).cohort_size
     budget = None if config.memory_budget_mb is None else int(config.memory_budget_mb * 2**20)
     num_devices = 1 if mesh is None else int(dict(mesh.shape).get("clients", 1))
     chunk = memory.auto_chunk_size(
-        cohort,
+        sampler.cohort_size,
         loss_fn,
         params,
         x,
@@ -458,9 +455,8 @@ def _auto_chunk(config, model, data, loss_fn, batch_size, mesh) -> int:
         budget_bytes=budget,
         num_devices=num_devices,
     )
-    if config.sampling == "poisson":
-        expected = data.num_clients * config.sampling_rate / num_devices
-        chunk = min(chunk, max(1, math.ceil(expected / 2)))
+    if sampler.sampling == "poisson":
+        chunk = min(chunk, max(1, math.ceil(sampler.expected_cohort_size / num_devices / 2)))
     return chunk
 
 
@@ -525,7 +521,7 @@ def build_simulation(
         client = wrap_client(client)
     if config.chunk_size is None:
         config = dataclasses.replace(
-            config, chunk_size=_auto_chunk(config, model, data, loss_fn, batch_size, mesh)
+            config, chunk_size=_auto_chunk(config, model, data, loss_fn, batch_size, mesh, sampler)
         )
     if config.adaptive_clipping and config.clipped_count_stddev is None:
         config = dataclasses.replace(

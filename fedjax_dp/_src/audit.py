@@ -569,8 +569,9 @@ class CanaryAuditor:
         lr_factor = 1.0
         if sim.sampler.sampling == "poisson":
             # The public denominator q * (K + m) counts the canaries; rescale the server step
-            # so that real clients move the model as in the run without canaries (q * K).
-            # Post-processing of the noisy sum: privacy is unchanged.
+            # so that real clients move the model as in the run without canaries (q * K):
+            # exact for the SGD server optimizer, approximate for adaptive ones (which
+            # normalise the step). Post-processing of the noisy sum: privacy is unchanged.
             lr_factor = (self.num_real_clients + m) / self.num_real_clients
         hparams = {k: float(v) for k, v in train.items()}
         hparams.update(server_lr=hparams["server_lr"] * lr_factor, canary_norm=norm)
@@ -623,8 +624,9 @@ def build_canary_auditor(
     ``m``. With Poisson sampling the rate ``q``, hence the accounted epsilon, is unchanged, but
     the public denominator ``q * (K + m)`` grows: :meth:`CanaryAuditor.run` multiplies the
     server learning rate by ``(K + m) / K`` so that real clients move the model as in the run
-    without canaries (a rescaling of the released noisy sum: post-processing, privacy
-    unchanged). With fixed-size sampling canaries take cohort slots from real clients.
+    without canaries (exactly with the SGD server optimizer; adaptive ones largely normalise
+    the step already), a rescaling of the released noisy sum: post-processing, privacy
+    unchanged. With fixed-size sampling canaries take cohort slots from real clients.
 
     Args:
       config: an :class:`~fedjax_dp.AlgorithmConfig` with user-level DP (``dp_fedavg``).

@@ -61,8 +61,9 @@ def build_client_update(
     owns a block of ``ceil(max_count / B)`` steps (``S = E * ceil(max_count / B)``) that
     visits that epoch's permutation; slots past the client's ``count`` are masked, so every
     example is used exactly ``E`` times and no batch spans two epochs. In step mode
-    (``local_steps=S``) the client walks its permutations back to back for ``S`` steps. A step whose batch is entirely
-    masked leaves parameters and optimizer state untouched.
+    (``local_steps=S``) the client cycles through one permutation for ``S`` steps (slot
+    ``j`` holds its position ``j mod count``). A step whose batch is entirely masked leaves
+    parameters and optimizer state untouched.
 
     Hyper-parameters read from ``hparams``: ``client_lr``; with ``example_dp`` also
     ``example_clip_norm`` and ``example_noise_multiplier``.
@@ -210,7 +211,8 @@ def _schedule(key, count, *, max_count, num_steps, batch_size, num_perms, epoch_
     client's ``count`` examples, its tail masked. No batch spans two epochs, so every example
     is in exactly one batch per epoch and never twice in a batch: each example passes
     through exactly ``num_perms`` noised sums with sensitivity ``C`` (what example-level
-    accounting assumes). Steps mode: the permutations are walked back to back, no masking.
+    accounting assumes). Step mode (``num_perms = 1``): the one permutation is cycled, no
+    masking.
     """
     slots = jnp.arange(num_steps * batch_size, dtype=jnp.int32)
     count = jnp.maximum(count, 1)
@@ -224,7 +226,6 @@ def _schedule(key, count, *, max_count, num_steps, batch_size, num_perms, epoch_
         idx = perms[epoch, jnp.minimum(pos, max_count - 1)]
         valid = pos < count
     else:
-        pass_index = jnp.minimum(slots // count, num_perms - 1)
-        idx = perms[pass_index, slots % count]
+        idx = perms[0, slots % count]
         valid = jnp.ones_like(slots, dtype=bool)
     return idx.reshape(num_steps, batch_size), valid.reshape(num_steps, batch_size)

@@ -167,7 +167,7 @@ def build_round(
             round=jnp.zeros((), jnp.int32),
         )
 
-    def _scan_chunks(ids, rows, mask, tx_state, params, data, hparams, clients_key):
+    def _run_chunks(ids, rows, mask, tx_state, params, data, hparams, clients_key):
         """Clients ``ids[n * chunk_size]`` in chunks: vmapped updates, client stages, sums.
 
         ``ids`` are global client ids (they pick the clients' keys); ``rows`` are the same
@@ -253,7 +253,7 @@ def build_round(
         mask = jnp.pad(mask, (0, padded - cohort_size))
         clients_key = jax.random.fold_in(key, _CLIENTS)
         if mesh is None:
-            total, weight_sum, loss_sum, seen_sum, stat_sums, tx_state = _scan_chunks(
+            total, weight_sum, loss_sum, seen_sum, stat_sums, tx_state = _run_chunks(
                 ids, rows, mask, state.client_tx_state, params, data, hparams, clients_key
             )
         else:
@@ -261,7 +261,7 @@ def build_round(
                 raise ValueError("client stages with state cannot be sharded over a mesh yet")
 
             def per_device(ids, rows, mask, params, data, hparams, clients_key):
-                *sums, _ = _scan_chunks(
+                *sums, _ = _run_chunks(
                     ids, rows, mask, state.client_tx_state, params, data, hparams, clients_key
                 )
                 return jax.lax.psum(tuple(sums), "clients")
@@ -278,8 +278,8 @@ def build_round(
                 mesh=mesh,
                 in_specs=(spec, spec, spec, rep, rep, rep, rep),
                 out_specs=rep,
-                # Replicated params flow into per-device scans; the psum makes outputs
-                # replicated, which the varying-axes type check cannot see through scan.
+                # Replicated params flow into per-device chunk loops; the psum makes outputs
+                # replicated, which the varying-axes type check cannot see through the loop.
                 check_vma=False,
             )(ids, rows, mask, params, data, hparams, clients_key)
             tx_state = state.client_tx_state

@@ -529,17 +529,10 @@ def from_folder(
         raise ValueError(f"folder {str(folder)!r}: {e}") from None
 
 
-def read_table(table: Any) -> dict[str, np.ndarray]:
-    """Reads a ``.csv``/``.npz`` file, mapping or structured array as ``{column: array}``.
-
-    CSV columns that all parse as numbers become float64 (int64 when all integral); others
-    stay strings.
-    """
-    return _read_table(table)[0]
-
-
 def _read_table(table: Any) -> tuple[dict[str, np.ndarray], str]:
-    """``({column: array}, description for messages)``."""
+    """``({column: array}, description for messages)`` of a ``.csv``/``.npz`` file, mapping
+    or structured array. CSV columns that all parse as numbers become float64 (int64 when
+    all integral); others stay strings."""
     if isinstance(table, (str, pathlib.Path)):
         p = pathlib.Path(table)
         if not p.is_file():

@@ -12,9 +12,10 @@ round. The sweep stacks the points' server states ``[seeds, settings]``, hyper-p
 ``vmap`` over seeds (states, keys) of ``vmap(sim.round_fn, in_axes=(0, None, 0, None))`` over
 settings (states, hparams), on one shared copy of the data. On CPU the seeds run one after
 another inside the same call (``lax.map`` instead of the outer ``vmap``): same results,
-compiles in about 3 s instead of 5 on the digits sweep and trains as fast, because a CPU has
-no idle lanes for a wider batch to fill, while under a ``vmap`` over seeds every seed's chunk
-loop runs to the largest of their cohorts. Within a seed the key is not
+and on the digits sweep it compiles faster (5.2 s against 7.5 s) and trains at least as
+fast (two runs of ``benchmarks/sweep.py``, see ``benchmarks/RESULTS.md``), because a CPU has no idle lanes for a wider batch
+to fill, while under a ``vmap`` over seeds every seed's chunk loop runs to the largest of
+their cohorts. Within a seed the key is not
 batched, so what depends on the key alone (the cohort, the local data order, the gathered
 batches, the noise draws, which the settings then scale) is computed once per seed, and a
 batch's product with the settings' weights becomes one larger matrix product. Evaluation is
@@ -45,8 +46,9 @@ without ``sweep.noise_multipliers`` and the noise-cohort trick behave as in ``fe
 run``), once per distinct noise multiplier: clip norms, learning rates and seeds do not
 change it.
 
-**Memory.** A vmapped round holds every point's cohort chunk at once: memory grows with
-points x ``algorithm.chunk_size``. With an automatic chunk size (``algorithm.chunk_size =
+**Memory.** A vmapped round holds every point's cohort chunk at once (with the seeds in
+sequence, one seed's points at a time): memory grows with points x
+``algorithm.chunk_size``. With an automatic chunk size (``algorithm.chunk_size =
 0``) the memory budget is split over the points of a group, so a vmapped chunk stays within
 the budget of one run; ``sweep.parallel = p`` vmaps at most ``p`` points at a time (blocks of
 ``min(seeds, p)`` seeds x ``p // that`` settings; the last blocks are padded with copies, so
@@ -62,7 +64,6 @@ import json
 import math
 import pathlib
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -78,8 +79,7 @@ from fedjax_dp._src.evaluation import evaluate, evaluate_batch
 #: that ``0 * C`` (the noise std) and ``C ** 2`` (per-layer sensitivities) stay finite.
 BASELINE_CLIP_NORM = 1e15
 
-# The hparams of each unit's DP mechanism: noise multiplier and clip norm.
-_NOISE_HPARAM = {"user": "noise_multiplier", "example": "example_noise_multiplier"}
+# The clip-norm hparam of each unit's DP mechanism (noise: experiment._NOISE_HPARAM).
 _CLIP_HPARAM = {"user": "clip_norm", "example": "example_clip_norm"}
 
 
@@ -242,7 +242,7 @@ class Sweep:
         if len(units) > 1:
             raise ValueError(f"the sweep needs at most one DP mechanism; this run has {units}")
         self.unit = units[0] if units else None
-        noise_key = _NOISE_HPARAM.get(self.unit)
+        noise_key = experiment._NOISE_HPARAM.get(self.unit)
         clip_key = _CLIP_HPARAM.get(self.unit)
         if self.unit is not None and noise_key not in hp:
             raise ValueError(f"this run's {self.unit}-level mechanism cannot be swept")
@@ -337,9 +337,11 @@ class Sweep:
             hp = self._hparams[i]
             noise = hp.get(self._noise_key) if self._noise_key else None
             if noise not in by_noise:
-                arrays = {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
                 by_noise[noise] = experiment._privacy_plan(
-                    self.cfg, self.sim, arrays, (lambda *_: None) if quiet else self._log
+                    self.cfg,
+                    self.sim,
+                    _device_hparams(hp),
+                    (lambda *_: None) if quiet else self._log,
                 )
             plans[i] = by_noise[noise]
         if self._noise_key and self.cfg.privacy.target_epsilon > 0:
@@ -509,7 +511,7 @@ class Sweep:
             states, _ = self._step(shape)(states, data, table, train_keys, 0)
             evaluate_batch(self.model, _flatten2(states.params), self.x_test, self.y_test)
         else:
-            hp = _device_hparams(self._round_hparams(0, 0))
+            hp = _device_hparams(dict(zip(self._names, self._table[0, 0].tolist())))
             state = self.sim.init(jax.random.key(0))
             state, _ = self.sim.round_fn(state, data, hp, jax.random.key(1))
             evaluate(self.model, state.params, self.x_test, self.y_test)
@@ -641,7 +643,6 @@ class _Tracker:
         self.n = n
         self.pending: list[dict[str, jax.Array]] = []
         self.overflow = np.zeros(n, np.int64)
-        self.train_loss = np.full(n, np.nan)
         self.curve: list[list[dict[str, float]]] = [[] for _ in range(n)]
 
     def evaluated(self, rnd: int, loss: np.ndarray, accuracy: np.ndarray) -> None:
@@ -650,7 +651,6 @@ class _Tracker:
         for m in fetched:
             self.overflow += np.reshape(m["cohort_overflow"], self.n).astype(np.int64)
         last = np.reshape(fetched[-1]["train_loss"], self.n)
-        self.train_loss = last.astype(np.float64)
         for j in range(self.n):
             self.curve[j].append(
                 {
@@ -985,12 +985,8 @@ def run_sweep(cfg, *, write: bool = True, log: Callable[[str], Any] = print) -> 
 
     sweep = Sweep(cfg, log=log)
     train, sim, p = sweep.train_data, sweep.sim, cfg.privacy
-    if sweep.unit is not None and p.delta >= 1.0 / train.num_clients:
-        warnings.warn(
-            f"privacy.delta={p.delta} is not below 1/population "
-            f"({1.0 / train.num_clients:.3g}); choose a smaller delta",
-            stacklevel=2,
-        )
+    if sweep.unit is not None:
+        experiment.warn_delta(p.delta, train.num_clients)
     vectorize = cfg.sweep.vectorize
     shape = sweep.group_shape()
     group = shape[0] * shape[1]
@@ -1026,7 +1022,8 @@ def run_sweep(cfg, *, write: bool = True, log: Callable[[str], Any] = print) -> 
             {
                 **dataclasses.asdict(st),
                 "seed": seed,
-                "hparams": sweep._hparams[s],
+                # What the round is called with in round 0 (e.g. the noise-cohort trick's).
+                "hparams": dict(zip(sweep._names, sweep._table[0, s].tolist())),
                 **{f"epsilon_{k}": v for k, v in epsilons[s].items()},
                 **res,
             }
