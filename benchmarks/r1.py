@@ -265,7 +265,7 @@ def make_loop_round(sim, cohort: int):
     import jax.numpy as jnp
     import numpy as np
 
-    update = sim.client.update
+    update = sim.client.simple
 
     @jax.jit
     def sample(key):
@@ -875,10 +875,10 @@ def diagnose(model_name: str, reps: int) -> dict:
     clients = jnp.arange(16, dtype=jnp.int32)
     ckeys = jax.random.split(key, 16)
     cid = jnp.int32(3)
-    vmapped = jax.vmap(sim.client.update, in_axes=(None, None, 0, 0, None))
+    vmapped = jax.vmap(sim.client.simple, in_axes=(None, None, 0, 0, None))
     b = f"B={BATCH_SIZE}"
     pieces = {  # name -> (function, args, clients per call; 1/S: one step of S)
-        "client update, DP-SGD (1 client)": (sim.client.update, (params, dev, cid, key, hp), 1),
+        "client update, DP-SGD (1 client)": (sim.client.simple, (params, dev, cid, key, hp), 1),
         "client update, DP-SGD (vmap over 16 clients)": (
             vmapped,
             (params, dev, clients, ckeys, hp),

@@ -268,11 +268,11 @@ def breakdown(sweep, reps: int = 200) -> dict:
     hp = sim.make_hparams()
     ids = jnp.arange(cohort) % sweep.train_data.num_clients
     keys = jax.random.split(jax.random.key(1), cohort)
-    update = jax.jit(jax.vmap(sim.client.update, in_axes=(None, None, 0, 0, None)))
+    update = jax.jit(jax.vmap(sim.client.simple, in_axes=(None, None, 0, 0, None)))
     points = sweep.num_points
     many = jax.jit(
         jax.vmap(
-            jax.vmap(sim.client.update, in_axes=(None, None, 0, 0, None)),
+            jax.vmap(sim.client.simple, in_axes=(None, None, 0, 0, None)),
             in_axes=(0, None, None, None, None),
         )
     )

@@ -9,6 +9,7 @@ A federated round is one pure function compiled once::
 
 from fedjax_dp import accounting
 from fedjax_dp._src import (
+    aggregators,
     attacks,
     audit,
     data,
@@ -18,6 +19,7 @@ from fedjax_dp._src import (
     sampling,
     sources,
     sweep,
+    systems,
 )
 from fedjax_dp._src.aggregation import (
     AdaptiveClipState,
@@ -47,6 +49,7 @@ from fedjax_dp._src.base import (
     sensitivity_value,
 )
 from fedjax_dp._src.client import ClientUpdate, build_client_update
+from fedjax_dp._src.contexts import ClientContext, ClientResult, Cohort, RoundContext
 from fedjax_dp._src.data import FederatedData, from_arrays, load_digits, make_federated, partition
 from fedjax_dp._src.evaluation import evaluate
 from fedjax_dp._src.models import Model, cross_entropy, from_flax, get_model, register_model
@@ -67,13 +70,17 @@ __all__ = [
     "MECHANISMS",
     "AdaptiveClipState",
     "AlgorithmConfig",
+    "ClientContext",
+    "ClientResult",
     "ClientUpdate",
+    "Cohort",
     "DPTransform",
     "DataNotFoundError",
     "EmptyState",
     "FederatedData",
     "Model",
     "Round",
+    "RoundContext",
     "RoundTransform",
     "ServerState",
     "Simulation",
@@ -83,6 +90,7 @@ __all__ = [
     "add_gaussian_noise",
     "add_laplace_noise",
     "add_local_gaussian_noise",
+    "aggregators",
     "attacks",
     "audit",
     "build_client_update",
@@ -115,5 +123,6 @@ __all__ = [
     "sensitivity_value",
     "sources",
     "sweep",
+    "systems",
     "value_noise_multiplier",
 ]

@@ -38,7 +38,7 @@ def cli_subprocess(*args: str) -> subprocess.CompletedProcess:
 
 
 # The round's key purposes, restated here so the loop reference derives keys independently.
-SAMPLE, CLIENTS, SERVER = 0, 1, 2
+SAMPLE, CLIENTS, SERVER, SYSTEMS = 0, 1, 2, 3
 
 
 def small_data(num_clients=12, seed=0, feature_dim=6, num_classes=3, min_count=2, max_count=9):
@@ -124,7 +124,7 @@ def loop_round(sim: fedjax_dp.Simulation, state, data, hparams, key):
         if not m:
             continue
         ckey = jax.random.fold_in(clients_key, int(cid))
-        d, metrics = sim.client.update(
+        d, metrics = sim.client.simple(
             state.params, data, jnp.int32(cid), jax.random.fold_in(ckey, 0), hparams
         )
         deltas.append(d)
@@ -153,9 +153,28 @@ def loop_round(sim: fedjax_dp.Simulation, state, data, hparams, key):
 
 
 def loop_client_sgd(
-    loss_fn, params, data, client_id, key, *, max_count, batch_size, epochs, lr, clip=None
+    loss_fn,
+    params,
+    data,
+    client_id,
+    key,
+    *,
+    max_count,
+    batch_size,
+    epochs,
+    lr,
+    clip=None,
+    budget=None,
+    mu=0.0,
+    correction=None,
+    return_steps=False,
 ):
-    """Plain loop over local steps and examples: SGD, optional per-example clipping (no noise)."""
+    """Plain loop over local steps and examples: SGD, optional per-example clipping (no noise).
+
+    ``budget``: only the first ``budget`` steps run (a straggler); ``mu``: FedProx's
+    gradient term ``mu (w - w0)``; ``correction``: SCAFFOLD's ``c - c_i`` added to every
+    step's gradient. With ``return_steps`` also returns the number of steps taken.
+    """
     order_key, _ = jax.random.split(key)
     offset = int(data.offsets[client_id])
     count = int(data.counts[client_id])
@@ -171,10 +190,13 @@ def loop_client_sgd(
         g = jax.grad(lambda q: loss_fn(q, xi, yi)[0])(p32)
         return jax.tree.map(lambda a: np.asarray(a, np.float64), g)
 
-    for s in range(num_steps):
+    p0 = p
+    taken = 0
+    for s in range(num_steps if budget is None else min(num_steps, budget)):
         rows = [int(i) for i, v in zip(idx[s], valid[s]) if v]
         if not rows:
             continue
+        taken += 1
         grads = [grad_one(p, i) for i in rows]
         if clip is not None:
             grads = loop_clip(grads, clip)
@@ -184,5 +206,10 @@ def loop_client_sgd(
         g_sum = grads[0]
         for g in grads[1:]:
             g_sum = jax.tree.map(np.add, g_sum, g)
-        p = jax.tree.map(lambda a, g, denom=denom: a - lr * g / denom, p, g_sum)
-    return jax.tree.map(lambda a, b: a - np.asarray(b, np.float64), p, params)
+        g_step = jax.tree.map(lambda g, denom=denom: g / denom, g_sum)
+        g_step = jax.tree.map(lambda g, a, a0: g + mu * (a - a0), g_step, p, p0)
+        if correction is not None:
+            g_step = jax.tree.map(lambda g, c: g + np.asarray(c, np.float64), g_step, correction)
+        p = jax.tree.map(lambda a, g: a - lr * g, p, g_step)
+    delta = jax.tree.map(lambda a, b: a - np.asarray(b, np.float64), p, params)
+    return (delta, taken) if return_steps else delta

@@ -162,7 +162,7 @@ class CanaryTest(absltest.TestCase):
         hp = dict(sim.make_hparams(), canary_norm=np.float32(0.7))
         dev = population.to_device()
         ckey = jax.random.key(9)
-        real_update, wrapped_update = jax.jit(client.update), jax.jit(wrapped.update)
+        real_update, wrapped_update = jax.jit(client.simple), jax.jit(wrapped.simple)
         real, real_m = real_update(params, dev, 4, ckey, hp)
         got, got_m = wrapped_update(params, dev, 4, ckey, hp)
         jax.tree.map(np.testing.assert_array_equal, got, real)

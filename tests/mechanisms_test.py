@@ -51,7 +51,7 @@ def loop_round(sim, state, data, hparams, key):
     """
     cfg = sim.config
     if "update" not in _CLIENT_FN:
-        _CLIENT_FN["update"] = jax.jit(sim.client.update)
+        _CLIENT_FN["update"] = jax.jit(sim.client.simple)
     update = _CLIENT_FN["update"]
     ids, mask, _ = sim.sampler.sample(jax.random.fold_in(key, _testing.SAMPLE))
     clients_key = jax.random.fold_in(key, _testing.CLIENTS)
@@ -59,7 +59,7 @@ def loop_round(sim, state, data, hparams, key):
     hp = {k: float(v) for k, v in hparams.items()}
     clip_used = None
     if cfg.adaptive_clipping:
-        clip_used = float(state.server_tx_state[0].clip_norm)
+        clip_used = float(state.server_tx_state["delta"][0].clip_norm)
         hp["clip_norm"] = clip_used
     groups = algorithms.parse_layer_clip_norms(cfg.layer_clip_norms or "x=1")
     total = _f64(jax.tree.map(jnp.zeros_like, state.params))
@@ -213,10 +213,10 @@ class AdaptiveClippingTest(parameterized.TestCase):
         norms = np.exp(np.random.default_rng(0).normal(0.0, 0.5, num_clients)).astype(np.float32)
         direction = jnp.ones((dim,)) / math.sqrt(dim)
 
-        def update(params, data, client_id, key, hparams):
-            del params, key, hparams
+        def update(params, data, ctx, hparams):
+            del params, hparams
             metrics = {k: jnp.ones(()) for k in ("loss_sum", "num_seen", "num_examples")}
-            return data[client_id] * direction, metrics
+            return fedjax_dp.ClientResult({"delta": data[ctx.row] * direction}, (), metrics)
 
         client = fedjax_dp.ClientUpdate(update, 1, 1, 1, False)
         clip, noise = fedjax_dp.adaptive_clipping(0.1, cohort)
@@ -278,7 +278,7 @@ class AdaptiveClippingTest(parameterized.TestCase):
             _testing.assert_trees_close(state.params, want, rtol=2e-4, atol=2e-6)
             np.testing.assert_allclose(float(metrics["clip_norm"]), clip_used, rtol=1e-6)
             np.testing.assert_allclose(
-                float(state.server_tx_state[0].clip_norm), next_clip, rtol=1e-5
+                float(state.server_tx_state["delta"][0].clip_norm), next_clip, rtol=1e-5
             )
             self.assertNotAlmostEqual(next_clip, clip_used, places=4)
 

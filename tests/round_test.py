@@ -87,7 +87,7 @@ class ClientUpdateTest(parameterized.TestCase):
         }
         key = jax.random.key(7)
         dev = data.to_device()
-        got, metrics = jax.jit(cu.update)(params, dev, jnp.int32(client_id), key, hp)
+        got, metrics = jax.jit(cu.simple)(params, dev, jnp.int32(client_id), key, hp)
         want = _testing.loop_client_sgd(
             loss_fn,
             params,
@@ -143,8 +143,8 @@ class ClientUpdateTest(parameterized.TestCase):
         poisoned = x.copy()
         poisoned[:lo] = np.nan
         poisoned[hi:] = np.nan
-        clean, _ = cu.update(params, data.to_device(), jnp.int32(cid), jax.random.key(1), hp)
-        dirty, _ = cu.update(
+        clean, _ = cu.simple(params, data.to_device(), jnp.int32(cid), jax.random.key(1), hp)
+        dirty, _ = cu.simple(
             params, data.replace(x=jnp.asarray(poisoned)), jnp.int32(cid), jax.random.key(1), hp
         )
         self.assertTrue(np.all(np.isfinite(_testing.tree_flat(dirty))))
@@ -173,9 +173,9 @@ class PaddingSkipTest(parameterized.TestCase):
         ids = jnp.arange(10, dtype=jnp.int32)
         seen = []
 
-        def update(params, d, cid, key, hp):
-            jax.debug.callback(lambda c: seen.extend(np.ravel(c).tolist()), cid)
-            return sim.client.update(params, d, cid, key, hp)
+        def update(params, d, ctx, hp):
+            jax.debug.callback(lambda c: seen.extend(np.ravel(c).tolist()), ctx.client_id)
+            return sim.client.update(params, d, ctx, hp)
 
         sampler = fedjax_dp.sampling.CohortSampler(
             lambda key: (ids, jnp.asarray(mask), jnp.zeros((), jnp.int32)),
@@ -279,8 +279,8 @@ class NoiseTest(parameterized.TestCase):
             "example_noise_multiplier": jnp.float32(s),
         }
         args = (params, data.to_device(), jnp.int32(2), jax.random.key(4))
-        noisy, _ = cu.update(*args, hp(sigma))
-        clean, _ = cu.update(*args, hp(0.0))
+        noisy, _ = cu.simple(*args, hp(sigma))
+        clean, _ = cu.simple(*args, hp(0.0))
         noise = (_testing.tree_flat(clean) - _testing.tree_flat(noisy)) * batch / lr
         want = sigma * clip
         self.assertGreater(self._ks(noise, want), 1e-3)
@@ -423,7 +423,7 @@ class AlgorithmsTest(parameterized.TestCase):
         self.assertEqual(sim.client.num_steps, 1)
         self.assertEqual(sim.client.batch_size, data.max_count)
         params = sim.model.init(jax.random.key(0))
-        delta, _ = sim.client.update(
+        delta, _ = sim.client.simple(
             params, data.to_device(), jnp.int32(2), jax.random.key(0), sim.make_hparams()
         )
         x, y = data.client(2)

@@ -11,13 +11,27 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_dp._src import aggregation, base, memory, sampling
+from fedjax_dp._src import aggregation, aggregators, base, memory, sampling
 from fedjax_dp._src import clipping as clipping_lib
+from fedjax_dp._src import systems as systems_lib
 from fedjax_dp._src.client import ClientUpdate, build_client_update
 from fedjax_dp._src.models import Model, cross_entropy
 from fedjax_dp._src.round import Round, ServerState, build_round
 
-ALGORITHMS = ("fedavg", "fedsgd", "dp_fedavg", "dp_sgd_fedavg", "fedadam", "fedyogi", "fedadagrad")
+ALGORITHMS = (
+    "fedavg",
+    "fedsgd",
+    "dp_fedavg",
+    "dp_sgd_fedavg",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "fedprox",
+    "scaffold",
+)
+#: Algorithms that take user-level DP when ``clip_norm`` (or another DP option) is set;
+#: ``dp_fedavg`` always has it.
+_OPTIONAL_USER_DP = ("fedprox", "scaffold")
 _SERVER_ALIASES = {"fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}
 NUMERIC_HPARAMS = (
     "client_lr",
@@ -29,6 +43,9 @@ NUMERIC_HPARAMS = (
     "target_quantile",
     "clip_lr",
     "clipped_count_stddev",
+    "mu",
+    "control_clip_norm",
+    "control_noise_multiplier",
 )
 #: User-level DP mechanisms of ``dp_fedavg`` (``AlgorithmConfig.mechanism``).
 MECHANISMS = ("gaussian", "laplace", "local_gaussian")
@@ -67,10 +84,27 @@ class AlgorithmConfig:
     clip_lr: float | None = None
     clipped_count_stddev: float | None = None
     layer_clip_norms: str | None = None
+    mu: float | None = None
+    control_clip_norm: float | None = None
+    control_noise_multiplier: float | None = None
+    straggler_fraction: float = 0.0
+    straggler_policy: str | None = None
+    dropout_rate: float = 0.0
+    min_clients: int = 0
 
     @property
     def user_dp(self) -> bool:
         return self.clip_norm is not None or bool(self.layer_clip_norms)
+
+    @property
+    def systems(self) -> systems_lib.Systems:
+        """The systems model (stragglers, dropout, min_clients) of this config."""
+        return systems_lib.systems(
+            self.straggler_fraction,
+            self.straggler_policy or "drop",
+            self.dropout_rate,
+            self.min_clients,
+        )
 
     @property
     def example_dp(self) -> bool:
@@ -90,6 +124,25 @@ def resolve(config: AlgorithmConfig) -> AlgorithmConfig:
       ``example_clip_norm`` and noise ``example_noise_multiplier`` on every local step).
     - ``fedadam``/``fedyogi``/``fedadagrad`` (Reddi et al. 2021): FedAvg with that server
       optimizer (``server_lr`` around 1e-2 is typical).
+    - ``fedprox`` (Li et al. 2020): FedAvg with the proximal term ``mu/2 |w - w_global|^2``
+      in every client's objective (``mu`` traced, default 0.01) and stragglers' partial
+      work kept (``straggler_policy="partial"``).
+    - ``scaffold`` (Karimireddy et al. 2020, option II): control variates correct the
+      client drift; each client's control variate is per-client state. Uniform weighting,
+      plain SGD locally.
+
+    ``fedprox`` and ``scaffold`` take user-level DP when ``clip_norm`` is set (and
+    ``noise_multiplier``, default 1): the Gaussian mechanism of ``dp_fedavg``. SCAFFOLD's
+    control-variate upload is a second release: it is clipped to ``control_clip_norm``
+    (default ``clip_norm``) and noised with ``control_noise_multiplier`` (default
+    ``noise_multiplier``) over the same cohort, and the round is accounted as one Gaussian
+    mechanism whose noise multiplier combines both
+    (:meth:`Simulation.round_privacy`).
+
+    Systems heterogeneity (:mod:`fedjax_dp.systems`; every algorithm): ``straggler_fraction``
+    of the clients run fewer local epochs; ``straggler_policy`` ``"drop"`` (default, FedAvg)
+    or ``"partial"`` (default for ``fedprox``); ``dropout_rate`` of the uploads are lost
+    after training; a round with fewer than ``min_clients`` uploads is skipped.
 
     ``dp_fedavg`` options (see :mod:`fedjax_dp._src.aggregation` for each mechanism's
     sensitivity, neighbouring relation and accounting):
@@ -124,8 +177,59 @@ def resolve(config: AlgorithmConfig) -> AlgorithmConfig:
             client_optimizer="sgd",
             client_lr=1.0,
         )
-    if c.name == "dp_fedavg":
+    if c.name == "fedprox":
+        c = dataclasses.replace(
+            c,
+            mu=0.01 if c.mu is None else c.mu,
+            straggler_policy=c.straggler_policy or "partial",
+        )
+    elif c.mu is not None:
+        raise ValueError(
+            f"mu (the FedProx proximal weight) is set but algorithm {c.name!r} does not use "
+            "it; use name='fedprox' or unset it"
+        )
+    if c.name == "scaffold":
+        if c.weighting != "uniform":
+            raise ValueError(
+                f"weighting={c.weighting!r}: scaffold averages control variates uniformly; "
+                "use weighting='uniform'"
+            )
+        if c.client_optimizer != "sgd":
+            raise ValueError(
+                f"client_optimizer={c.client_optimizer!r}: scaffold's control-variate update "
+                "(option II) assumes plain local SGD; use client_optimizer='sgd'"
+            )
+    if c.straggler_policy is None:
+        c = dataclasses.replace(c, straggler_policy="drop")
+    _ = c.systems  # validates the systems options
+    dp_named = c.name == "dp_fedavg" or (
+        c.name in _OPTIONAL_USER_DP
+        and (c.clip_norm is not None or c.noise_multiplier is not None or c.layer_clip_norms)
+    )
+    if c.name != "scaffold" or not dp_named:
+        extra = [f for f in ("control_clip_norm", "control_noise_multiplier") if getattr(c, f)]
+        if extra:
+            raise ValueError(
+                f"{'/'.join(extra)} set, but only scaffold with user-level DP (clip_norm) "
+                "clips and noises control variates; unset them"
+            )
+    if dp_named:
         c = _resolve_user_dp_options(c)
+        if c.name == "scaffold":
+            if c.mechanism != "gaussian" or c.adaptive_clipping or c.layer_clip_norms:
+                raise ValueError(
+                    "scaffold with user-level DP supports mechanism='gaussian' with one fixed "
+                    "clip_norm (no adaptive_clipping, no layer_clip_norms)"
+                )
+            c = dataclasses.replace(
+                c,
+                control_clip_norm=c.control_clip_norm or c.clip_norm,
+                control_noise_multiplier=(
+                    c.noise_multiplier
+                    if c.control_noise_multiplier is None
+                    else c.control_noise_multiplier
+                ),
+            )
         if c.weighting != "uniform":
             raise ValueError(
                 f"weighting={c.weighting!r} is not supported with user-level DP (the sum's "
@@ -134,7 +238,8 @@ def resolve(config: AlgorithmConfig) -> AlgorithmConfig:
     elif c.clip_norm is not None or c.noise_multiplier is not None:
         raise ValueError(
             f"clip_norm/noise_multiplier (user-level DP) are set but algorithm {c.name!r} does "
-            "not use them; use name='dp_fedavg' or unset them"
+            "not use them; use name='dp_fedavg' (or fedprox/scaffold with clip_norm) or unset "
+            "them"
         )
     else:
         extra = [f for f in _USER_DP_OPTIONS if (getattr(c, f) or None) != (_DEFAULTS[f] or None)]
@@ -280,6 +385,11 @@ def hparams_of(config: AlgorithmConfig) -> dict[str, float]:
     hparam ``clip_norm[pattern]``.
     """
     out = {"client_lr": config.client_lr, "server_lr": config.server_lr}
+    if config.mu is not None:
+        out["mu"] = config.mu
+    if config.control_clip_norm is not None:
+        out["control_clip_norm"] = config.control_clip_norm
+        out["control_noise_multiplier"] = config.control_noise_multiplier
     if config.user_dp:
         if config.layer_clip_norms:
             for pattern, value in parse_layer_clip_norms(config.layer_clip_norms):
@@ -314,7 +424,7 @@ def check_hparams(hparams: dict[str, Any]) -> None:
             raise ValueError(f"{name}={v} must be finite and >= 0")
         elif name == "target_quantile" and not 0.0 <= v <= 1.0:
             raise ValueError(f"{name}={v} must be in [0, 1] (0.5: the median update norm)")
-        elif name == "clipped_count_stddev" and (v < 0 or math.isinf(v)):
+        elif name in ("clipped_count_stddev", "mu") and (v < 0 or math.isinf(v)):
             raise ValueError(f"{name}={v} must be finite and >= 0")
     if "clipped_count_stddev" in hparams and "noise_multiplier" in hparams:
         aggregation.value_noise_multiplier(
@@ -365,34 +475,71 @@ class Simulation:
     def round_privacy(self, hparams: dict[str, Any]):
         """The :class:`fedjax_dp.accounting.RoundPrivacy` of one round under ``hparams``.
 
-        Built from the DP stages and the sampler that build the round, reading the noise
-        multipliers from the same hparams the round reads. Empty list for non-private runs.
-        Each noise stage's ``mechanism`` (``"gaussian"``, ``"laplace"``, ``"local_gaussian"``)
-        is passed on; with adaptive clipping the noise multiplier is the round's total ``z``
-        (the deltas get the larger ``z_delta``; see :func:`fedjax_dp.adaptive_clipping`).
+        Built from the DP stages of every upload and the sampler that build the round,
+        reading the noise multipliers from the same hparams the round reads. Empty list for
+        non-private runs; at most one entry per unit of protection.
+
+        Several central Gaussian releases in one round (SCAFFOLD's delta and control
+        variate, each clipped and noised on its own) are over the same cohort, so the round
+        is ONE sampled Gaussian mechanism on their concatenation: with L2 sensitivities
+        ``C_j`` and noise stds ``sigma_j C_j``, the pair's privacy loss is that of a
+        Gaussian with multiplier ``(sum_j sigma_j^-2)^-1/2`` (whitening each block by its
+        std, the sensitivity in noise units is ``sqrt(sum_j sigma_j^-2)``). Accounting them
+        as separately sampled mechanisms would not be valid, and not composing them would
+        under-report. With adaptive clipping the noise multiplier is the round's total
+        ``z``. Poisson sampling with stragglers dropped or dropouts: the uploads are a
+        Poisson sample with rate ``q * upload_probability`` (:mod:`fedjax_dp.systems`).
         """
         from fedjax_dp import accounting  # host side only
 
         s = self.sampler
+        upload_p = self.round.systems.upload_probability
         common = dict(
             sampling=s.sampling,
             num_clients=s.num_clients,
-            sampling_rate=s.sampling_rate if s.sampling == "poisson" else None,
+            sampling_rate=s.sampling_rate * upload_p if s.sampling == "poisson" else None,
             cohort_size=s.cohort_size if s.sampling == "fixed" else None,
         )
         out = []
-        stages = (*self.round.client_stages, *self.round.server_stages)
-        for stage in base.dp_stages(stages):
-            if stage.noise_multiplier:
-                out.append(
-                    accounting.RoundPrivacy(
-                        noise_multiplier=float(hparams[stage.noise_multiplier]),
-                        unit=stage.unit,
-                        compositions=1,
-                        mechanism=stage.mechanism,
-                        **common,
+        central: list[float] = []
+        mechanisms = set()
+        for cs, ss in (self.round.upload_stages or {}).values():
+            for stage in base.dp_stages((*cs, *ss)):
+                if not stage.noise_multiplier:
+                    continue
+                sigma = float(hparams[stage.noise_multiplier])
+                mechanisms.add(stage.mechanism)
+                if stage.mechanism == "gaussian":
+                    central.append(sigma)
+                else:
+                    out.append(
+                        accounting.RoundPrivacy(
+                            noise_multiplier=sigma,
+                            unit=stage.unit,
+                            compositions=1,
+                            mechanism=stage.mechanism,
+                            **common,
+                        )
                     )
+        if len(mechanisms) > 1 or len(out) > 1:
+            raise ValueError(
+                f"a round with several user-level mechanisms {sorted(mechanisms)} cannot be "
+                "accounted as one; use one mechanism"
+            )
+        if central:
+            if any(x == 0 for x in central):
+                combined = 0.0
+            else:
+                combined = math.fsum(x**-2 for x in central) ** -0.5
+            out.append(
+                accounting.RoundPrivacy(
+                    noise_multiplier=combined,
+                    unit="user",
+                    compositions=1,
+                    mechanism="gaussian",
+                    **common,
                 )
+            )
         if self.client.example_dp:
             out.append(
                 accounting.RoundPrivacy(
@@ -426,6 +573,18 @@ def _user_dp_stages(config: AlgorithmConfig, sampler) -> tuple[list, list]:
     if config.mechanism == "local_gaussian":
         return [clip, aggregation.add_local_gaussian_noise(sensitivity, "noise_multiplier")], []
     return [clip], [aggregation.add_gaussian_noise(sensitivity, "noise_multiplier")]
+
+
+def _control_dp_stages(config: AlgorithmConfig) -> dict[str, tuple[list, list]]:
+    """SCAFFOLD with user-level DP: the control-variate upload's own clip and noise."""
+    if config.name != "scaffold" or not config.user_dp:
+        return {}
+    return {
+        "control": (
+            [aggregation.clip_per_client("control_clip_norm")],
+            [aggregation.add_gaussian_noise("control_clip_norm", "control_noise_multiplier")],
+        )
+    }
 
 
 def _auto_chunk(config, model, data, loss_fn, batch_size, mesh, sampler) -> int:
@@ -516,6 +675,8 @@ def build_simulation(
         local_steps=config.local_steps,
         example_dp=config.example_dp,
         clipping_method=config.clipping,
+        proximal=config.name == "fedprox",
+        control_variates=config.name == "scaffold",
     )
     if wrap_client is not None:
         client = wrap_client(client)
@@ -547,9 +708,12 @@ def build_simulation(
         sampler,
         client_stages=client_stages,
         server_stages=server_stages,
+        upload_stages=_control_dp_stages(config),
+        aggregator=aggregators.weighted_sum(
+            config.weighting, "expected" if config.user_dp else "realised"
+        ),
+        systems=config.systems,
         server_optimizer=_optimizer(config.server_optimizer, "server_optimizer"),
-        weighting=config.weighting,
-        denominator="expected" if config.user_dp else "mean",
         chunk_size=config.chunk_size,
         mesh=mesh,
     )

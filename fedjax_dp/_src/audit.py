@@ -337,9 +337,10 @@ def add_canaries(
         raise ValueError(f"num_canaries={num_canaries!r} must be >= 1")
     real = client.update
 
-    def update(params, data, client_id, key_, hparams):
-        delta, metrics = real(params, data, client_id, key_, hparams)
-        j = client_id - num_real_clients
+    def update(params, data, ctx, hparams):
+        result = real(params, data, ctx, hparams)
+        delta, metrics = result.upload["delta"], result.metrics
+        j = ctx.client_id - num_real_clients
         is_canary = j >= 0
         j = jnp.clip(j, 0, num_canaries - 1)
         scale = jnp.where(
@@ -349,7 +350,7 @@ def add_canaries(
         canary = jax.tree.map(lambda d, x: (scale * x).astype(d.dtype), delta, u)
         delta = base.tree_where(is_canary, canary, delta)
         metrics = {k: jnp.where(is_canary, jnp.zeros_like(v), v) for k, v in metrics.items()}
-        return delta, metrics
+        return result._replace(upload={**result.upload, "delta": delta}, metrics=metrics)
 
     return client._replace(update=update)
 

@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 #: The folder of ``run.output_dir`` that holds the checkpoints.
 CHECKPOINT_DIR = "checkpoints"
 
-_VERSION = 1
+_VERSION = 2  # 2: ServerState with client_states and server_aux (Round v2)
 
 #: Options that may change when a run resumes: they do not change the trained parameters or
 #: the accounted privacy. ``run.rounds`` may change too, unless it sets the noise (see
@@ -210,7 +210,15 @@ class Checkpointer:
         return round
 
     def _checkpoint(self, round: int, meta: dict[str, Any], state: Any) -> Checkpoint:
-        if meta.get("version") != _VERSION or meta.get("round") != round:
+        version = meta.get("version")
+        if isinstance(version, int) and version < _VERSION:
+            raise ValueError(
+                f"{self.directory / str(round)} is a fedjax_dp checkpoint of format {version}, "
+                f"written before the server state gained per-client state (format {_VERSION}); "
+                "it cannot be resumed: start over with --run.resume false or another "
+                "--run.output_dir"
+            )
+        if version != _VERSION or meta.get("round") != round:
             raise ValueError(
                 f"{self.directory / str(round)} is not a fedjax_dp checkpoint of version "
                 f"{_VERSION}; start over with --run.resume false"

@@ -1,9 +1,15 @@
 """Client updates: local optax optimisation over ``S`` steps, optionally with DP-SGD inside.
 
-A client update is a pure function of ONE client, ``(params, data, client_id, key, hparams) ->
-(delta, metrics)``; the round ``vmap``s it over a chunk of the cohort. It gathers the client's
-own examples from the flat dataset arrays step by step, so a cohort never materialises its
-data as a whole.
+A client update is a pure function of ONE client, ``(params, data, ctx, hparams) ->
+ClientResult``, with ``ctx`` its :class:`fedjax_dp.contexts.ClientContext`; the round
+``vmap``s it over a chunk of the cohort. It gathers the client's own examples from the flat
+dataset arrays step by step, so a cohort never materialises its data as a whole.
+
+Algorithms on top of local SGD: FedProx (Li et al. 2020: a proximal term
+``mu/2 |w - w_global|^2``, ``mu`` a traced hparam) and SCAFFOLD (Karimireddy et al. 2020,
+option II: control variates, the client's own in ``ServerState.client_states``, the
+server's in ``ServerState.server_aux``; the client uploads its delta and the change of its
+control variate).
 """
 
 from __future__ import annotations
@@ -16,29 +22,67 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_dp._src import base, clipping
+from fedjax_dp._src.contexts import ClientContext, ClientResult
 
 LossFn = Callable[[base.Params, jax.Array, jax.Array], jax.Array]
 """``(params, x[B, *feature], y[B]) -> per-example losses f32[B]``."""
 
 
 class ClientUpdate(NamedTuple):
-    """A per-client update and the public facts of its schedule.
+    """A per-client update, the public facts of its schedule, and its state contracts.
 
     Attributes:
-      update: ``(params, data, client_id, key, hparams) -> (delta, metrics)`` for one client.
-        ``delta`` has the structure of ``params``; metrics is a dict of scalars
-        (``loss_sum``, ``num_seen``, ``num_examples``).
-      num_steps: static number of local steps ``S`` (steps past a client's data are masked).
+      update: ``(params, data, ctx: ClientContext, hparams) -> ClientResult`` for one
+        client. ``upload["delta"]`` has the structure of ``params``; metrics is a dict of
+        scalars (``loss_sum``, ``num_seen``, ``num_examples``, and any of the algorithm's).
+      num_steps: static number of local steps ``S`` (steps past a client's data, or past
+        its step budget, are masked).
       batch_size: static local batch size ``B``.
       local_epochs: passes over each client's data per round, or None in fixed-step mode.
       example_dp: whether DP-SGD (per-example clipping + noise) runs inside the client.
+      uploads: names of the messages the client sends (``"delta"`` first).
+      init_local: ``params -> row``: the initial per-client state row (None: stateless).
+      server_init: ``params -> aux``: what the server keeps and broadcasts besides the
+        params (None: nothing).
+      server_update: ``(aux, means, normalizer, round_ctx, hparams) -> aux``: the server
+        half, after aggregation; ``means`` maps each upload to its aggregate divided by
+        ``normalizer``.
     """
 
-    update: Callable[..., tuple[base.PyTree, dict[str, jax.Array]]]
+    update: Callable[..., ClientResult]
     num_steps: int
     batch_size: int
     local_epochs: int | None
     example_dp: bool
+    uploads: tuple[str, ...] = ("delta",)
+    init_local: Callable[[base.Params], base.PyTree] | None = None
+    server_init: Callable[[base.Params], base.PyTree] | None = None
+    server_update: Callable[..., base.PyTree] | None = None
+
+    def simple(self, params, data, client_id, key, hparams, *, local=(), server=()):
+        """One client with a full step budget: ``(upload["delta"], metrics)``.
+
+        A convenience for tests and benchmarks that call a single client outside a round
+        (``client_id`` is also its row in ``data``).
+        """
+        ctx = single_context(client_id, key, self.num_steps, local=local, server=server)
+        result = self.update(params, data, ctx, hparams)
+        return result.upload["delta"], result.metrics
+
+
+def single_context(client_id, key, num_steps, *, local=(), server=()) -> ClientContext:
+    """The :class:`ClientContext` of one real, uploading client with every step."""
+    cid = jnp.asarray(client_id, jnp.int32)
+    return ClientContext(
+        client_id=cid,
+        row=cid,
+        key=key,
+        mask=jnp.ones((), bool),
+        uploaded=jnp.ones((), bool),
+        step_budget=jnp.asarray(num_steps, jnp.int32),
+        local=local,
+        server=server,
+    )
 
 
 def build_client_update(
@@ -53,6 +97,8 @@ def build_client_update(
     clipping_method: str = "auto",
     unroll: int | bool | None = None,
     optimizer_kwargs: dict[str, Any] | None = None,
+    proximal: bool = False,
+    control_variates: bool = False,
 ) -> ClientUpdate:
     """Builds the update of one client.
 
@@ -65,8 +111,27 @@ def build_client_update(
     ``j`` holds its position ``j mod count``). A step whose batch is entirely masked leaves
     parameters and optimizer state untouched.
 
+    Step budget: a client runs only its first ``ctx.step_budget`` steps (a straggler); the
+    rest leave its parameters and optimizer state untouched.
+
     Hyper-parameters read from ``hparams``: ``client_lr``; with ``example_dp`` also
-    ``example_clip_norm`` and ``example_noise_multiplier``.
+    ``example_clip_norm`` and ``example_noise_multiplier``; with ``proximal`` also ``mu``.
+
+    FedProx (``proximal=True``): each step adds ``mu * (w - w_global)`` to the gradient
+    (the gradient of ``mu/2 |w - w_global|^2``), after the DP-SGD noise when example-level
+    DP is on (it is data independent). ``mu = 0`` is FedAvg; ``mu`` is traced, so a sweep
+    over it does not recompile.
+
+    SCAFFOLD (``control_variates=True``; Karimireddy et al. 2020, Alg. 1 with option II):
+    each step uses the corrected gradient ``g + c - c_i`` (``c`` the server control variate
+    ``ctx.server["control"]``, ``c_i`` the client's ``ctx.local["control"]``). After its
+    ``K`` real steps (``K >= 1``) with learning rate ``eta = hparams["client_lr"]`` the client
+    sets ``c_i+ = c_i - c - delta / (K eta)`` and uploads ``delta`` and
+    ``control = c_i+ - c_i``; a client that took no step uploads zeros and keeps ``c_i``.
+    The server sets ``c <- c + sum_i control_i / N`` (``N`` the population; the sum is the
+    aggregate, noised when DP stages sit on the ``"control"`` upload). Option II assumes
+    plain SGD locally (``optimizer=optax.sgd``); the control variates live in
+    ``ServerState.client_states`` (``[N, *params]``).
 
     Privacy (``example_dp=True``): in each step, per-example gradients are clipped to L2 norm
     ``example_clip_norm`` (C), the clipped gradients of the real examples are summed, Gaussian
@@ -110,6 +175,8 @@ def build_client_update(
             "example-level DP needs local_epochs (each example used a known number of times "
             "per round); set local_epochs instead of local_steps"
         )
+    if control_variates and proximal:
+        raise ValueError("give either proximal (FedProx) or control_variates (SCAFFOLD)")
     if clipping_method not in clipping.METHODS:
         raise ValueError(f"clipping_method={clipping_method!r} must be one of {clipping.METHODS}")
     batch_size = int(batch_size)
@@ -148,10 +215,10 @@ def build_client_update(
 
     grad_fn = dp_sgd_grad if example_dp else mean_loss_and_grad
 
-    def update(params, data, client_id, key, hparams):
-        order_key, step_key = jax.random.split(key)
-        offset = data.offsets[client_id]
-        count = data.counts[client_id]
+    def update(params, data, ctx: ClientContext, hparams) -> ClientResult:
+        order_key, step_key = jax.random.split(ctx.key)
+        offset = data.offsets[ctx.row]
+        count = data.counts[ctx.row]
         idx, valid = _schedule(
             order_key,
             count,
@@ -161,8 +228,14 @@ def build_client_update(
             num_perms=num_perms,
             epoch_mode=local_epochs is not None,
         )
+        in_budget = jnp.arange(num_steps) < ctx.step_budget
+        valid = valid & in_budget[:, None]
         opt_state = opt.init(params)
         opt_state.hyperparams["learning_rate"] = jnp.asarray(hparams["client_lr"], jnp.float32)
+        if control_variates:
+            correction = jax.tree.map(
+                lambda c, ci: c - ci, ctx.server["control"], ctx.local["control"]
+            )
 
         def step(carry, xs):
             p, o = carry
@@ -175,16 +248,24 @@ def build_client_update(
             )
             y = jnp.take(data.y, rows, axis=0, mode="clip")
             grads, loss_sum = grad_fn(p, x, y, step_valid, k, hparams)
+            if proximal:
+                mu = jnp.asarray(hparams["mu"], jnp.float32)
+                grads = jax.tree.map(
+                    lambda g, w, w0: (g + mu * (w - w0)).astype(g.dtype), grads, p, params
+                )
+            if control_variates:
+                grads = jax.tree.map(lambda g, c: (g + c).astype(g.dtype), grads, correction)
             updates, new_o = opt.update(grads, o, p)
             new_p = optax.apply_updates(p, updates)
             any_valid = jnp.any(step_valid)
             return (base.tree_where(any_valid, new_p, p), base.tree_where(any_valid, new_o, o)), (
                 loss_sum,
                 jnp.sum(step_valid),
+                any_valid,
             )
 
         step_keys = jax.random.split(step_key, num_steps)
-        (final, _), (loss_sums, seen) = jax.lax.scan(
+        (final, _), (loss_sums, seen, stepped) = jax.lax.scan(
             step, (params, opt_state), (idx, valid, step_keys), unroll=unroll
         )
         delta = jax.tree.map(jnp.subtract, final, params)
@@ -193,9 +274,46 @@ def build_client_update(
             "num_seen": jnp.sum(seen).astype(jnp.float32),
             "num_examples": count.astype(jnp.float32),
         }
-        return delta, metrics
+        upload, local = {"delta": delta}, ctx.local
+        if control_variates:
+            k_steps = jnp.sum(stepped).astype(jnp.float32)
+            eta = jnp.asarray(hparams["client_lr"], jnp.float32)
+            inv = jnp.where(k_steps > 0, 1.0 / jnp.maximum(k_steps * eta, 1e-30), 0.0)
+            # c_i+ - c_i = -c - delta / (K eta) when K >= 1; 0 otherwise.
+            change = jax.tree.map(
+                lambda c, d: jnp.where(k_steps > 0, -c - d.astype(jnp.float32) * inv, 0.0),
+                ctx.server["control"],
+                delta,
+            )
+            upload["control"] = change
+            local = {"control": jax.tree.map(jnp.add, ctx.local["control"], change)}
+        return ClientResult(upload, local, metrics)
 
-    return ClientUpdate(update, num_steps, batch_size, local_epochs, bool(example_dp))
+    extra: dict[str, Any] = {}
+    if control_variates:
+
+        def zeros(params):
+            return {"control": jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)}
+
+        def server_update(aux, means, normalizer, round_ctx, hparams):
+            del hparams
+            # sum_i control_i / N: the aggregate (mean x normaliser) over the population.
+            scale = normalizer / round_ctx.population
+            return {
+                "control": jax.tree.map(
+                    lambda c, m: c + scale * m.astype(jnp.float32),
+                    aux["control"],
+                    means["control"],
+                )
+            }
+
+        extra = dict(
+            uploads=("delta", "control"),
+            init_local=zeros,
+            server_init=zeros,
+            server_update=server_update,
+        )
+    return ClientUpdate(update, num_steps, batch_size, local_epochs, bool(example_dp), **extra)
 
 
 def steps_per_epoch(max_count: int, batch_size: int) -> int:
