@@ -133,7 +133,8 @@ class ModelConfig:
 
 
 _ALGO_HELP = {
-    "name": "fedavg | fedsgd | dp_fedavg | dp_sgd_fedavg | fedadam | fedyogi | fedadagrad",
+    "name": "fedavg | fedsgd | dp_fedavg | dp_sgd_fedavg | fedadam | fedyogi | fedadagrad | "
+    "fedprox | scaffold",
     "sampling": "cohort sampling: 'fixed' (cohort_size clients) or 'poisson' (rate sampling_rate)",
     "cohort_size": "clients per round for sampling='fixed'",
     "sampling_rate": "inclusion probability q for sampling='poisson'",
@@ -164,6 +165,17 @@ _ALGO_HELP = {
     "expected cohort); must exceed noise_multiplier / 2",
     "layer_clip_norms": "user-level DP: a clip norm per parameter group instead of clip_norm, e.g. "
     "'Dense_0=0.5, Dense_1=1.0' (regex on whole path components; noise uses sqrt(sum C_g^2))",
+    "mu": "fedprox: weight of the proximal term mu/2 |w - w_global|^2 (traced; default 0.01)",
+    "control_clip_norm": "scaffold with user-level DP: clip norm of each control-variate upload "
+    "(default clip_norm)",
+    "control_noise_multiplier": "scaffold with user-level DP: noise multiplier on the summed "
+    "control variates (default noise_multiplier; accounted with the deltas as one release)",
+    "straggler_fraction": "probability that a client straggles: it runs 1..E-1 local epochs "
+    "(uniform) instead of E",
+    "straggler_policy": "drop (stragglers' uploads are dropped: FedAvg) | partial (their partial "
+    "work is aggregated: the default of fedprox)",
+    "dropout_rate": "probability that a client's upload is lost after training",
+    "min_clients": "skip (and report) a round with fewer uploads than this (0 = never)",
 }
 
 
@@ -905,6 +917,10 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
                 }
                 if "clip_norm" in m:  # adaptive clipping: the clip norm this round used
                     row["clip_norm"] = float(m["clip_norm"])
+                if "skipped" in m:  # min_clients: a skipped round is reported, never silent
+                    row["skipped"] = int(m["skipped"])
+                if not accountants and sim.round.systems.active:
+                    row["num_uploads"] = int(m["num_uploads"])
                 for label, acct in accountants.items():
                     acct.compose(plan.round_privacy(rnd - 1)[label], 1)
                     row[f"epsilon_{label}"] = acct.epsilon()
@@ -985,6 +1001,13 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
     final["rounds_per_s"] = cfg.run.rounds / max(total_s, 1e-9)
     final["cohort_overflow"] = overflow_total
     final.update(plan.summary)
+    if any("skipped" in h for h in history):
+        final["skipped_rounds"] = sum(h.get("skipped", 0) for h in history)
+        if final["skipped_rounds"]:
+            log(
+                f"{final['skipped_rounds']} of {cfg.run.rounds} rounds were skipped: fewer "
+                f"uploads than algorithm.min_clients = {sim.config.min_clients}"
+            )
     attack = ""
     if held_out is not None:
         final.update(attack_metrics(model, state.params, train, held_out))

@@ -415,6 +415,33 @@ class SystemsTest(parameterized.TestCase):
             _sim(_testing.small_data(), **kw)
 
 
+class RunReportsSystemsTest(absltest.TestCase):
+    def test_skipped_rounds_are_reported_in_rows_summary_and_log(self):
+        from fedjax_dp import experiment
+
+        cfg = experiment.load_config(
+            None,
+            {
+                "data.num_clients": 20,
+                "run.rounds": 6,
+                "run.eval_every": 3,
+                "run.progress": False,
+                "algorithm.name": "fedprox",
+                "algorithm.cohort_size": 5,
+                "algorithm.dropout_rate": 0.5,
+                "algorithm.min_clients": 4,
+            },
+        )
+        lines = []
+        result = experiment.run(cfg, write=False, log=lines.append)
+        skipped = [h["skipped"] for h in result.history]
+        self.assertLen(skipped, 6)
+        self.assertEqual(result.final["skipped_rounds"], sum(skipped))
+        self.assertGreater(sum(skipped), 0)
+        self.assertTrue(all(h["num_uploads"] < 4 for h in result.history if h["skipped"]))
+        self.assertTrue(any("rounds were skipped" in line for line in lines))
+
+
 class AggregatorTest(parameterized.TestCase):
     def _deltas(self, sim, state, data, key):
         cohort = sim.round.sample(key)
