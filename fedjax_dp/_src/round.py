@@ -263,11 +263,12 @@ def build_round(
             server_aux=server_aux,
         )
 
-    def _upload_template(params, server_aux, data, local_template, hparams):
+    def _upload_template(params, server_aux, data, local_template, hparams, key):
+        """Shapes of one client's uploads and metrics (traced abstractly, never run)."""
         ctx = ClientContext(
             client_id=jnp.zeros((), jnp.int32),
             row=jnp.zeros((), jnp.int32),
-            key=jax.random.key(0),
+            key=key,
             mask=jnp.ones((), bool),
             uploaded=jnp.ones((), bool),
             step_budget=jnp.zeros((), jnp.int32),
@@ -286,7 +287,9 @@ def build_round(
         """
         clients_key = keys
         local_rows0 = jax.tree.map(lambda s: s[0], client_states)
-        template, metric_template = _upload_template(params, server_aux, data, local_rows0, hparams)
+        template, metric_template = _upload_template(
+            params, server_aux, data, local_rows0, hparams, clients_key
+        )
         n = local_slots // chunk_size
         xs = {k: v.reshape(n, chunk_size) for k, v in slots.items()}
 
@@ -373,15 +376,7 @@ def build_round(
 
     def sample(key) -> Cohort:
         ids, mask, overflow = sampler.sample(jax.random.fold_in(key, _SAMPLE))
-        uploaded, budget = systems_lib.draw(
-            systems,
-            jax.random.fold_in(key, _SYSTEMS),
-            ids,
-            mask,
-            num_steps=client.num_steps,
-            local_epochs=client.local_epochs,
-        )
-        return Cohort(ids, mask, overflow, uploaded, budget)
+        return Cohort(ids, mask, overflow, *_draw_systems(systems, key, ids, mask, client))
 
     def round_fn(state: ServerState, data, hparams, key, cohort: Cohort | None = None):
         params = state.params
@@ -574,15 +569,20 @@ def _check_cohort(cohort, data, cohort_size, systems, key, client) -> Cohort:
     ids, mask, overflow = ids.astype(jnp.int32), mask.astype(bool), overflow.astype(jnp.int32)
     uploaded, budget = getattr(cohort, "uploaded", None), getattr(cohort, "step_budget", None)
     if uploaded is None or budget is None:
-        uploaded, budget = systems_lib.draw(
-            systems,
-            jax.random.fold_in(key, _SYSTEMS),
-            ids,
-            mask,
-            num_steps=client.num_steps,
-            local_epochs=client.local_epochs,
-        )
+        uploaded, budget = _draw_systems(systems, key, ids, mask, client)
     return Cohort(ids, mask, overflow, jnp.asarray(uploaded, bool), jnp.asarray(budget, jnp.int32))
+
+
+def _draw_systems(systems, key, ids, mask, client):
+    """The round's systems draws (who uploads, step budgets) from its key."""
+    return systems_lib.draw(
+        systems,
+        jax.random.fold_in(key, _SYSTEMS),
+        ids,
+        mask,
+        num_steps=client.num_steps,
+        local_epochs=client.local_epochs,
+    )
 
 
 def _with_state_hparams(hparams, state: ServerState, stages_of) -> dict:
