@@ -135,8 +135,9 @@ class ModelConfig:
 _ALGO_HELP = {
     "name": "fedavg | fedsgd | dp_fedavg | dp_sgd_fedavg | fedadam | fedyogi | fedadagrad | "
     "fedprox | scaffold",
-    "sampling": "cohort sampling: 'fixed' (cohort_size clients) or 'poisson' (rate sampling_rate)",
-    "cohort_size": "clients per round for sampling='fixed'",
+    "sampling": "cohort sampling: 'fixed' (cohort_size clients), 'poisson' (rate "
+    "sampling_rate) or 'shuffle' (epochs of disjoint cohorts of cohort_size; non-DP runs)",
+    "cohort_size": "clients per round for sampling='fixed' or 'shuffle'",
     "sampling_rate": "inclusion probability q for sampling='poisson'",
     "local_epochs": "passes over each client's data per round",
     "local_steps": "fixed local steps instead of local_epochs (set local_epochs to 0)",
@@ -558,10 +559,25 @@ def algorithm_config(cfg: ExperimentConfig) -> AlgorithmConfig:
 
 @dataclasses.dataclass
 class RunResult:
+    """What :func:`run` returns.
+
+    Attributes:
+      params: the final parameters.
+      final: ``summary.json``.
+      history: the rows of ``metrics.jsonl``.
+      output_dir: where the files went (``None`` with ``write=False``).
+      schedules: per accountant label, the rounds it composed (``(RoundPrivacy, count)``
+        pairs; empty without DP), e.g. to compose this run with others on the same data
+        (:func:`composed_epsilon`).
+    """
+
     params: Any
     final: dict[str, float]
     history: list[dict[str, Any]]
     output_dir: pathlib.Path | None
+    schedules: dict[str, tuple[tuple[accounting.RoundPrivacy, int], ...]] = dataclasses.field(
+        default_factory=dict
+    )
 
 
 def _check(cfg: ExperimentConfig) -> None:
@@ -728,6 +744,10 @@ def _privacy_plan(cfg: ExperimentConfig, sim, hparams, log) -> _PrivacyPlan:
                 conversion=p.conversion,
                 noise_profile=profile if scheduled else None,
                 mechanism=getattr(accounted, "mechanism", "gaussian"),
+                # The run's own rounds: its cap, relation and upload thinning.
+                max_cohort_size=getattr(accounted, "max_cohort_size", None),
+                relation=getattr(accounted, "relation", None),
+                upload_probability=getattr(accounted, "upload_probability", 1.0),
             )
         except ValueError as e:
             raise ValueError(f"privacy.target_epsilon: {e}") from None
@@ -791,6 +811,53 @@ def _privacy_plan(cfg: ExperimentConfig, sim, hparams, log) -> _PrivacyPlan:
     )
 
 
+#: What a DP run writes next to epsilon (logged at start-up; see docs/privacy.md).
+RELEASED_IN_DP_RUNS = (
+    "released: the model after each round and what is computed from it (test metrics on "
+    "held-out data, update norm, an adaptive clip norm from the noised count), epsilon; "
+    "not written: training loss, cohort sizes, overflow counts (the accountant does not "
+    "cover them)"
+)
+
+
+def relation_of(described: dict[str, Any]) -> str:
+    """What the epsilons of ``described`` refer to, as one string.
+
+    ``described`` maps accountant labels to objects with a ``neighboring_relation``
+    (:class:`~fedjax_dp.accounting.Accountant` or
+    :class:`~fedjax_dp.accounting.RoundPrivacy`): their relation when all share one (e.g.
+    ``"add_or_remove_one_user"``), else ``"<label>: <relation>"`` pairs joined by ``"; "``.
+    """
+    relations = {label: d.neighboring_relation for label, d in described.items()}
+    if len(set(relations.values())) == 1:
+        return str(next(iter(relations.values())))
+    return "; ".join(f"{label}: {relation}" for label, relation in relations.items())
+
+
+def composed_epsilon(schedule, privacy: PrivacyConfig) -> float:
+    """Epsilon at ``privacy.delta`` of releasing everything in ``schedule`` together.
+
+    Args:
+      schedule: ``(RoundPrivacy, count)`` pairs of one unit and neighbouring relation: the
+        rounds of several runs on the same data (a sweep's points, an audit's runs).
+      privacy: the delta, accountant and conversion of the runs.
+
+    Returns:
+      The epsilon of one :class:`~fedjax_dp.accounting.Accountant` that composes every pair
+      (a heterogeneous composition; pairs with the same ``RoundPrivacy`` are added up first,
+      since composition does not depend on the order). ``inf`` if any round is non-private.
+    """
+    counts: dict[accounting.RoundPrivacy, int] = {}
+    for rp, count in schedule:
+        counts[rp] = counts.get(rp, 0) + int(count)
+    acct = accounting.Accountant(
+        delta=privacy.delta, accountant=privacy.accountant, conversion=privacy.conversion
+    )
+    for rp, count in counts.items():
+        acct.compose(rp, count)
+    return acct.epsilon()
+
+
 def warn_delta(delta: float, num_clients: int) -> None:
     """Warns when delta is not below 1/population (it would allow leaking a whole client)."""
     if delta >= 1.0 / num_clients:
@@ -849,8 +916,18 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
     for rp in privacy:
         log(
             f"  privacy: {rp.unit}-level, noise multiplier {rp.noise_multiplier:g}, "
-            f"delta {cfg.privacy.delta:g}, accountant {cfg.privacy.accountant}"
+            f"delta {cfg.privacy.delta:g}, accountant {cfg.privacy.accountant}, neighbouring "
+            f"relation {rp.neighboring_relation}"
         )
+    releases = sim.central_gaussian_releases({k: float(v) for k, v in hparams.items()})
+    if len(releases) > 1:
+        parts = ", ".join(f"{name} ({hp} {sigma:g})" for name, hp, sigma in releases)
+        log(
+            f"  the user-level noise multiplier combines {len(releases)} releases over one "
+            f"cohort, (sum sigma^-2)^-1/2 of {parts}"
+        )
+    if privacy:
+        log(f"  {RELEASED_IN_DP_RUNS}")
     # Calibration, noise schedule, noise-cohort trick: decided (and printed) before training.
     plan = _privacy_plan(cfg, sim, hparams, log)
     accountants = plan.accountants
@@ -896,6 +973,7 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
                 tb = writer_cls(str(out_dir / "tensorboard"), purge_step=written + 1)
         bar = _progress(cfg.run.rounds, cfg.run.progress, initial=start_round)
         pending: list[tuple[int, dict[str, Any]]] = []
+        overflow_total = 0  # internal: never written in DP runs
         # Rows since the last evaluation (their mean train loss is logged with it).
         since_eval = max((i + 1 for i, h in enumerate(history) if "test_accuracy" in h), default=0)
         _set_postfix(bar, history, accountants, refresh=True)
@@ -907,14 +985,16 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
         def flush(done: int) -> None:
             """Rows of the pending rounds (one host sync), the evaluation if ``done`` is an
             evaluation point, then writes the new rows."""
-            nonlocal written, since_eval
+            nonlocal written, since_eval, overflow_total
             for rnd, m in zip([i for i, _ in pending], jax.device_get([m for _, m in pending])):
-                row = {
-                    "round": rnd,
-                    "train_loss": float(m["train_loss"]),
-                    "num_clients": int(m["num_clients"]),
-                    "cohort_overflow": int(m["cohort_overflow"]),
-                }
+                overflow_total += int(m["cohort_overflow"])
+                row = {"round": rnd}
+                if not accountants:  # data-dependent values the accountant does not cover
+                    row.update(
+                        train_loss=float(m["train_loss"]),
+                        num_clients=int(m["num_clients"]),
+                        cohort_overflow=int(m["cohort_overflow"]),
+                    )
                 if "clip_norm" in m:  # adaptive clipping: the clip norm this round used
                     row["clip_norm"] = float(m["clip_norm"])
                 if "skipped" in m:  # min_clients: a skipped round is reported, never silent
@@ -924,8 +1004,10 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
                 for label, acct in accountants.items():
                     acct.compose(plan.round_privacy(rnd - 1)[label], 1)
                     row[f"epsilon_{label}"] = acct.epsilon()
+                    row[f"neighboring_relation_{label}"] = acct.neighboring_relation
                 if accountants:
                     row["delta"] = cfg.privacy.delta
+                    row["neighboring_relation"] = relation_of(accountants)
                 row.update(plan.row_at(rnd - 1))
                 history.append(row)
             pending.clear()
@@ -936,12 +1018,12 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
             if due and "test_accuracy" not in row:
                 ev = evaluate(model, state.params, x_test, y_test)
                 row.update(test_loss=ev["loss"], test_accuracy=ev["accuracy"], elapsed_s=elapsed())
-                train_loss = float(np.mean([h["train_loss"] for h in history[since_eval:]]))
+                msg = f"round {done:>5}/{cfg.run.rounds}  "
+                if not accountants:
+                    train_loss = np.mean([h["train_loss"] for h in history[since_eval:]])
+                    msg += f"train loss {float(train_loss):.4f}  "
                 since_eval = len(history)
-                msg = (
-                    f"round {done:>5}/{cfg.run.rounds}  train loss {train_loss:.4f}  "
-                    f"test loss {ev['loss']:.4f}  accuracy {ev['accuracy']:.4f}"
-                )
+                msg += f"test loss {ev['loss']:.4f}  accuracy {ev['accuracy']:.4f}"
                 for unit in accountants:
                     msg += f"  eps({unit}) {row[f'epsilon_{unit}']:.3f}"
                 bar.write(msg)
@@ -995,11 +1077,21 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
         for closable in (bar, metrics_file, tb, ckpts):
             if closable is not None:
                 closable.close()
-    overflow_total = sum(h["cohort_overflow"] for h in history)
-    warn_overflow(overflow_total, "the run", "cohort_overflow in metrics.jsonl")
+    if accountants:
+        if overflow_total:
+            # The count itself is data dependent: say only that the cap was hit.
+            warnings.warn(
+                "Poisson sampling selected more clients than the static cohort size in some "
+                "round; the accounted epsilon assumes no truncation (raise the cohort cap)",
+                stacklevel=2,
+            )
+    else:
+        overflow_total = sum(h["cohort_overflow"] for h in history)
+        warn_overflow(overflow_total, "the run", "cohort_overflow in metrics.jsonl")
     final = dict(history[-1])  # the last round is always an evaluation point
     final["rounds_per_s"] = cfg.run.rounds / max(total_s, 1e-9)
-    final["cohort_overflow"] = overflow_total
+    if not accountants:
+        final["cohort_overflow"] = overflow_total
     final.update(plan.summary)
     if any("skipped" in h for h in history):
         final["skipped_rounds"] = sum(h.get("skipped", 0) for h in history)
@@ -1012,6 +1104,13 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
     if held_out is not None:
         final.update(attack_metrics(model, state.params, train, held_out))
         attack = f"  attack AUC {final['attack_auc']:.3f}"
+    if accountants:
+        final["released"] = RELEASED_IN_DP_RUNS.removeprefix("released: ") + (
+            "; the attack_* entries (privacy.attack) are computed from the training clients' "
+            "data and are NOT covered by epsilon"
+            if held_out is not None
+            else ""
+        )
     if out_dir is not None:
         save_params(out_dir / "params.npz", state.params)
         (out_dir / "summary.json").write_text(json.dumps(final, indent=2) + "\n")
@@ -1027,7 +1126,8 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
     )
     if out_dir is not None:
         log(f"wrote {out_dir}/metrics.jsonl, params.npz, summary.json")
-    return RunResult(state.params, final, history, out_dir)
+    schedules = {label: acct.schedule for label, acct in accountants.items()}
+    return RunResult(state.params, final, history, out_dir, schedules)
 
 
 def _resume_round(cfg: ExperimentConfig, out_dir: pathlib.Path | None) -> int | None:

@@ -1,5 +1,6 @@
 """The one-run canary audit: the bound, the canary clients, and audits of correct and broken runs."""
 
+import dataclasses
 import itertools
 import json
 import math
@@ -14,7 +15,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import fedjax_dp
-from fedjax_dp import audit, cli, experiment
+from fedjax_dp import accounting, audit, cli, experiment
 from tests import _testing
 
 
@@ -205,6 +206,36 @@ class CanaryTest(absltest.TestCase):
             )
 
 
+class FixedSizeAuditTest(absltest.TestCase):
+    """Fixed size: a zero-delta canary keeps its slot, so the audit accounts replace-one."""
+
+    def test_rounds_are_accounted_under_replace_one(self):
+        fixed = accounting.RoundPrivacy(1.5, "fixed", 50, cohort_size=10)
+        poisson = accounting.RoundPrivacy(1.5, "poisson", 50, sampling_rate=0.2)
+        got = audit.audited_round_privacy([fixed, poisson])
+        self.assertEqual(got[0].neighboring_relation, "replace_one_user")
+        self.assertEqual(got[1], poisson)
+        data = _data()
+        model = fedjax_dp.get_model("logistic", data.feature_shape, data.num_classes)
+        cfg = dataclasses.replace(_config(), sampling="fixed", sampling_rate=None, cohort_size=5)
+        auditor = audit.build_canary_auditor(
+            cfg, model, data, num_canaries=20, key=jax.random.key(0)
+        )
+        result = auditor.run(rounds=2, key=jax.random.key(1), delta=1e-5)
+        rdp = dp_accounting.rdp.RdpAccountant(
+            neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE
+        )
+        rdp.compose(
+            dp_accounting.SampledWithoutReplacementDpEvent(
+                30, 5, dp_accounting.GaussianDpEvent(4.0 / 2)
+            ),
+            2,
+        )
+        self.assertAlmostEqual(result.accounted_epsilon, rdp.get_epsilon(1e-5), places=6)
+        with self.assertRaisesRegex(ValueError, "accountant='rdp'"):
+            auditor.run(rounds=2, key=jax.random.key(1), delta=1e-5, accountant="pld")
+
+
 class AuditTest(absltest.TestCase):
     """One compiled auditor; the runs differ only in traced hparams (no recompilation)."""
 
@@ -279,7 +310,7 @@ class AuditCommandTest(absltest.TestCase):
             "--audit.canaries",
             "100",
             "--audit.noise_multipliers",
-            "0",
+            "0,2",
             "--audit.output",
             path,
         ]
@@ -292,7 +323,7 @@ class AuditCommandTest(absltest.TestCase):
         with absltest.mock.patch.object(audit, "run_audit", run_audit):
             self.assertEqual(cli.main(argv), 0)
         doc = json.loads(pathlib.Path(path).read_text())
-        (row,) = doc["rows"]
+        row, noisy = doc["rows"]
         self.assertEqual(row["noise_multiplier"], 0.0)
         self.assertEqual(row["accounted_epsilon"], float("inf"))  # no noise: no privacy
         self.assertEqual(row["num_canaries"], 100)
@@ -302,6 +333,37 @@ class AuditCommandTest(absltest.TestCase):
         text = "\n".join(logs)
         self.assertIn("noise multiplier 0: accounted epsilon inf, audited lower bound", text)
         self.assertIn("| noise multiplier | accounted epsilon", text)
+        # Releasing every run: 2 canary runs (200 held-in clients + 100 canaries, q = 0.2) and
+        # the 2 attack runs (the 100 held-in clients), 3 rounds each, on the same clients.
+        canary_run = accounting.RoundPrivacy(
+            2.0,
+            "poisson",
+            200,
+            sampling_rate=0.2,
+            max_cohort_size=fedjax_dp.sampling.poisson(200, 0.2).cohort_size,
+        )
+        attack_run = accounting.RoundPrivacy(
+            2.0,
+            "poisson",
+            100,
+            sampling_rate=0.2,
+            max_cohort_size=fedjax_dp.sampling.poisson(100, 0.2).cohort_size,
+        )
+        self.assertAlmostEqual(
+            noisy["accounted_epsilon"],
+            accounting.epsilon(canary_run, rounds=3, delta=1e-5),
+            places=9,
+        )
+        want = accounting.epsilon([(canary_run, 3), (attack_run, 3)], delta=1e-5)
+        privacy = doc["privacy"]
+        self.assertEqual(privacy["runs"], 4)
+        self.assertEqual(privacy["epsilon_all_runs"], math.inf)  # noise multiplier 0 is one
+        self.assertEqual(privacy["private_runs"], 2)
+        self.assertAlmostEqual(privacy["epsilon_private_runs"], want, places=9)
+        self.assertGreater(want, noisy["accounted_epsilon"])
+        self.assertEqual(privacy["neighboring_relation"], "add_or_remove_one_user")
+        self.assertIn("Releasing all 4 runs of this audit together", text)
+        self.assertIn(f"the 2 runs with noise: epsilon = {want:.3f}", text)
 
     def test_table(self):
         rows = [
@@ -327,6 +389,25 @@ class AuditCommandTest(absltest.TestCase):
         self.assertNotIn("attack", table[0])
         self.assertEqual(table[2], "| 0 | inf | 3.500 | 200 / 200 |")
         self.assertEqual(table[3], "| 2 | 5.250 | 0.500 | 60 / 100 |")
+
+    def test_composition_of_the_runs(self):
+        rp = accounting.RoundPrivacy(1.5, "fixed", 50, cohort_size=10)
+        other = accounting.RoundPrivacy(3.0, "fixed", 60, cohort_size=10)
+        cfg = experiment.load_config(None, {"privacy.delta": 1e-4})
+        privacy = audit.composition([(1.5, [(rp, 5)]), (3.0, [(other, 5)])], cfg)
+        want = accounting.epsilon([(rp, 5), (other, 5)], delta=1e-4)
+        self.assertAlmostEqual(privacy["epsilon_all_runs"], want, places=12)
+        self.assertEqual(privacy["neighboring_relation"], rp.neighboring_relation)
+        self.assertNotIn("private_runs", privacy)
+        footer = audit.composition_footer(privacy)
+        self.assertEqual(
+            footer,
+            "Releasing all 2 runs of this audit together (same clients; delta=0.0001, rdp, "
+            f"{rp.neighboring_relation}): epsilon = {want:.3f}. Each row's accounted epsilon "
+            "is one canary run alone.",
+        )
+        table = audit.format_table([], delta=1e-4, significance=0.05, privacy=privacy)
+        self.assertTrue(table.endswith(footer))
 
     def test_bad_noise_multipliers_name_the_option(self):
         code, text = _testing.cli_output(["audit", "--audit.noise_multipliers", "1,two"])

@@ -241,6 +241,15 @@ class PrngTest(absltest.TestCase):
             self.assertEqual(r["n"], 1000)
             self.assertGreater(r["normals_per_s"], 0)
 
+    def test_tails_compares_old_and_new_samplers(self):
+        from benchmarks import prng
+
+        samplers = [s for pair in prng.TAIL_SAMPLERS for s in pair]
+        rows = prng.measure(sizes=(1000,), reps=2, samplers=samplers, impls=("threefry2x32",))
+        self.assertEqual({r["sampler"] for r in rows}, set(samplers))
+        lines = prng._tails_table(rows)
+        self.assertLen(lines, 2 + len(samplers))
+
 
 if __name__ == "__main__":
     absltest.main()

@@ -95,6 +95,7 @@ class CustomStageTest(absltest.TestCase):
             sampling="poisson",
             num_clients=300,
             sampling_rate=0.1,
+            max_cohort_size=fedjax_dp.sampling.poisson(300, 0.1).cohort_size,  # the run's cap
         )
         expected = fedjax_dp.accounting.epsilon(privacy, rounds=20, delta=1e-4)
         self.assertAlmostEqual(epsilon, expected, places=6)

@@ -1,5 +1,7 @@
 """The experiment loop, config files and the command line, end to end."""
 
+import contextlib
+import io
 import json
 import os
 import pathlib
@@ -15,6 +17,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from fedjax_dp import accounting, cli, experiment
+from fedjax_dp._src import sampling
 from tests import _testing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -148,6 +151,98 @@ class OverflowWarningTest(absltest.TestCase):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             experiment.warn_overflow(0, "the run", "cohort_overflow")
+
+
+# Functions of the training data that the accountant does not cover.
+_WITHHELD = ("train_loss", "num_clients", "cohort_overflow", "num_uploads")
+
+
+def _released_run(test, **overrides):
+    """A tiny run whose Poisson cohort holds 3 of its 20 clients, so that it overflows:
+    ``(result, rows, summary, text of logs, progress-bar lines and warnings)``."""
+    out = _tmpdir(test)
+    cfg = experiment.load_config(
+        None,
+        {
+            "data.num_clients": 20,
+            "model.hidden": [8],
+            "run.rounds": 3,
+            "run.eval_every": 1,
+            "run.output_dir": out,
+            "run.checkpoint_every": 0,
+            "run.progress": False,
+            "algorithm.sampling": "poisson",
+            "algorithm.sampling_rate": 0.5,
+            "algorithm.batch_size": 8,
+            "privacy.delta": 1e-3,
+            **overrides,
+        },
+    )
+    poisson = sampling.poisson
+    lines, printed = [], io.StringIO()
+    with (
+        mock.patch.object(sampling, "poisson", lambda n, q: poisson(n, q, max_cohort_size=3)),
+        warnings.catch_warnings(record=True) as caught,
+        contextlib.redirect_stdout(printed),
+        contextlib.redirect_stderr(printed),
+    ):
+        warnings.simplefilter("always")
+        result = experiment.run(cfg, log=lines.append)
+    text = "\n".join([*lines, printed.getvalue(), *(str(w.message) for w in caught)])
+    rows = [json.loads(line) for line in _read(out, "metrics.jsonl").splitlines()]
+    return result, rows, json.loads(_read(out, "summary.json")), text
+
+
+class ReleasesTest(parameterized.TestCase):
+    """A DP run writes nothing next to epsilon that the accountant does not cover."""
+
+    @parameterized.parameters(
+        ({"algorithm.name": "dp_fedavg"}, "user", "add_or_remove_one_user"),
+        (
+            {
+                "algorithm.name": "dp_sgd_fedavg",
+                "algorithm.sampling": "fixed",
+                "algorithm.cohort_size": 3,
+                "algorithm.local_epochs": 1,
+            },
+            "example",
+            "zero_out_example",
+        ),
+    )
+    def test_dp_run_releases_only_what_epsilon_covers(self, overrides, unit, relation):
+        result, rows, summary, text = _released_run(self, **overrides)
+        self.assertEqual(rows, result.history)
+        for where in (*rows, summary, result.final):
+            for key in _WITHHELD:
+                self.assertNotIn(key, where)
+        for row in rows:
+            self.assertEqual(row["neighboring_relation"], relation)  # what epsilon covers
+        self.assertEqual(summary["neighboring_relation"], relation)
+        self.assertIn("the model after each round", summary["released"])
+        self.assertIn(f"{unit}-level", text)
+        self.assertIn(f"neighbouring relation {relation}", text)  # the start-up line
+        self.assertIn("accuracy", text)  # the evaluation lines, without the training loss
+        self.assertNotIn("train loss", text)
+        self.assertNotRegex(text, r"selected \d+ clients")  # no overflow count either
+        # The run's own accountant schedule gives its epsilon back (to compose runs).
+        self.assertEqual(
+            accounting.epsilon(result.schedules[unit], delta=1e-3), summary[f"epsilon_{unit}"]
+        )
+
+    def test_non_private_run_keeps_them(self):
+        result, rows, summary, text = _released_run(self, **{"algorithm.name": "fedavg"})
+        for row in rows:
+            for key in ("train_loss", "num_clients", "cohort_overflow"):
+                self.assertIn(key, row)
+            self.assertNotIn("neighboring_relation", row)
+            self.assertEqual(row["num_clients"], 3)
+        overflow = sum(r["cohort_overflow"] for r in rows)
+        self.assertGreater(overflow, 0)
+        self.assertEqual(summary["cohort_overflow"], overflow)
+        self.assertNotIn("released", summary)
+        self.assertIn("train loss", text)
+        self.assertIn(f"selected {overflow} clients more", text)
+        self.assertEqual(result.schedules, {})
 
 
 class CliTest(absltest.TestCase):

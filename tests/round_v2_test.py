@@ -196,6 +196,36 @@ class ScaffoldTest(parameterized.TestCase):
         # A config that noises only the deltas would under-report: both stages exist.
         names = {s.noise_multiplier for s in sim.round.upload_stages["control"][1]}
         self.assertEqual(names, {"control_noise_multiplier"})
+        releases = sim.central_gaussian_releases(
+            {k: float(v) for k, v in sim.make_hparams().items()}
+        )
+        self.assertCountEqual(
+            releases,
+            [("delta", "noise_multiplier", 1.0), ("control", "control_noise_multiplier", 2.0)],
+        )
+
+    def test_start_up_line_says_the_noise_multiplier_is_combined(self):
+        from fedjax_dp import experiment
+
+        cfg = experiment.load_config(
+            None,
+            {
+                "data.num_clients": 20,
+                "run.rounds": 1,
+                "run.progress": False,
+                "algorithm.name": "scaffold",
+                "algorithm.cohort_size": 5,
+                "algorithm.clip_norm": 0.5,
+                "algorithm.noise_multiplier": 1.0,
+                "algorithm.control_noise_multiplier": 2.0,
+            },
+        )
+        lines = []
+        experiment.run(cfg, write=False, log=lines.append)
+        text = "\n".join(lines)
+        self.assertIn(f"noise multiplier {(1.0**-2 + 2.0**-2) ** -0.5:g}", text)
+        self.assertIn("combines 2 releases", text)
+        self.assertIn("control (control_noise_multiplier 2)", text)
 
     def test_control_upload_noise_has_the_stated_std(self):
         """Server control change x N = noise on the control sum: N(0, (sigma_c C_c)^2)."""
@@ -399,7 +429,12 @@ class SystemsTest(parameterized.TestCase):
             dropout_rate=0.5,
         )
         (rp,) = sim.round_privacy({k: float(v) for k, v in sim.make_hparams().items()})
-        self.assertAlmostEqual(rp.sampling_rate, 0.1)
+        # The inclusion rate is q; dropout thins the uploads to q * p, credited only where
+        # the cohort cap does not bind (accounting.RoundPrivacy.upload_probability).
+        self.assertAlmostEqual(rp.sampling_rate, 0.2)
+        self.assertAlmostEqual(rp.upload_probability, 0.5)
+        self.assertAlmostEqual(rp.upload_rate, 0.1)
+        self.assertIsNotNone(rp.max_cohort_size)
         fixed = _sim(data, name="dp_fedavg", dropout_rate=0.5)
         (rp,) = fixed.round_privacy({k: float(v) for k, v in fixed.make_hparams().items()})
         self.assertEqual(rp.cohort_size, 5)  # fixed size: the unthinned rate, an upper bound

@@ -66,7 +66,8 @@ class SweepTest(absltest.TestCase):
         self.out = _tmpdir(self)
         cfg = experiment.load_config(CONFIG, {**TINY, "sweep.output": self.out})
         self.cfg = cfg
-        self.result = sweep_lib.run_sweep(cfg, log=_quiet)
+        self.logs = []
+        self.result = sweep_lib.run_sweep(cfg, log=self.logs.append)
         sequential = sweep_lib.Sweep(cfg, log=_quiet)
         self.seq_points, self.seq_params, self.seq_timing = sequential.train(vectorize=False)
         self.sweep = sequential
@@ -78,6 +79,8 @@ class SweepTest(absltest.TestCase):
             "seeds_vmapped_equals_seeds_in_sequence",
             "outputs",
             "epsilon_per_setting_is_the_accountants",
+            "releasing_all_points_composes_them",
+            "dp_sweep_releases_no_training_loss_or_counts",
             "spread_over_seeds",
         ):
             with self.subTest(name):
@@ -121,7 +124,6 @@ class SweepTest(absltest.TestCase):
         point = self.result.points[i]
         self.assertAlmostEqual(point["test_loss"], run.final["test_loss"], places=5)
         self.assertAlmostEqual(point["test_accuracy"], run.final["test_accuracy"], places=5)
-        self.assertAlmostEqual(point["train_loss"], run.final["train_loss"], places=5)
         # Epsilon: the single run's accountant, once per setting.
         self.assertEqual(point["epsilon_user"], run.final["epsilon_user"])
         row = self.result.rows[1]
@@ -153,7 +155,7 @@ class SweepTest(absltest.TestCase):
             self.assertAlmostEqual(v["test_loss"], s["test_loss"], places=5)
             self.assertAlmostEqual(v["test_accuracy"], s["test_accuracy"], places=5)
             self.assertEqual([c["round"] for c in v["curve"]], [2, 3])
-            self.assertEqual(v["cohort_overflow"], s["cohort_overflow"])
+            self.assertEqual(set(s), {"test_loss", "test_accuracy", "curve"})  # DP: no more
 
     def _check_seeds_vmapped_equals_seeds_in_sequence(self):
         # On CPU run_sweep maps over the seeds; the vmap over seeds (accelerators) agrees.
@@ -221,6 +223,48 @@ class SweepTest(absltest.TestCase):
             self.assertEqual(row["delta"], self.cfg.privacy.delta)
         self.assertGreater(self.result.rows[0]["epsilon"], self.result.rows[1]["epsilon"])
 
+    def _check_releasing_all_points_composes_them(self):
+        # Independently: every DP point's rounds (2 noise multipliers x 2 seeds x 3 rounds)
+        # concatenated into one schedule for accounting.epsilon.
+        sim, delta = self.sweep.sim, self.cfg.privacy.delta
+        schedule = []
+        for p in self.result.points:
+            if not p["baseline"]:
+                hp = sim.make_hparams(noise_multiplier=p["noise_multiplier"])
+                (rp,) = sim.round_privacy({k: float(v) for k, v in hp.items()})
+                schedule += [(rp, 1)] * 3
+        self.assertLen(schedule, 12)
+        want = accounting.epsilon(schedule, delta=delta)
+        privacy = self.result.privacy
+        self.assertAlmostEqual(privacy["epsilon_without_baseline"], want, places=9)
+        self.assertEqual(privacy["points_without_baseline"], 4)
+        self.assertGreater(want, max(r["epsilon"] for r in self.result.rows[:2]))
+        # The non-private baseline is released too: together, no privacy.
+        self.assertEqual(privacy["epsilon_all_points"], math.inf)
+        self.assertEqual(privacy["points"], 6)
+        self.assertEqual(privacy["neighboring_relation"], "add_or_remove_one_user")
+        doc = json.loads((pathlib.Path(self.out) / "sweep.json").read_text())
+        self.assertEqual(doc["privacy"], json.loads(json.dumps(privacy)))
+        text = "\n".join(self.logs)  # the table's footer, in the log
+        self.assertIn("Releasing all 6 points together", text)
+        self.assertIn("epsilon = inf (the non-private baseline is among them)", text)
+        self.assertIn(f"the 4 points without the baseline: epsilon = {want:.3f}", text)
+
+    def _check_dp_sweep_releases_no_training_loss_or_counts(self):
+        out = pathlib.Path(self.out)
+        for point in self.result.points:
+            self.assertNotIn("train_loss", point)
+            self.assertNotIn("cohort_overflow", point)
+            for c in point["curve"]:
+                self.assertEqual(set(c), {"round", "test_loss", "test_accuracy"})
+        for row in self.result.rows:
+            self.assertNotIn("train_loss_mean", row)
+        for name in ("sweep.csv", "sweep.json", "points.jsonl"):
+            text = (out / name).read_text()
+            for key in ("train_loss", "cohort_overflow"):
+                self.assertNotIn(key, text, name)
+        self.assertNotIn("train loss", "\n".join(self.logs))
+
     def _check_spread_over_seeds(self):
         for s, row in enumerate(self.result.rows):
             acc = [p["test_accuracy"] for p in self.result.points[2 * s : 2 * s + 2]]
@@ -248,6 +292,43 @@ class SummaryTest(absltest.TestCase):
         self.assertEqual(row["accuracy_std"], 0.0)
         table = sweep_lib.format_table([row], delta=1e-5)
         self.assertIn("| 1 | 0.5 | 0.1 | 1 | 2.000 | 0.5000 ± 0.0000 |", table)
+
+
+class TrackerTest(absltest.TestCase):
+    def test_non_private_points_keep_training_loss_and_overflow(self):
+        metrics = [
+            {"train_loss": np.array([1.0, 2.0]), "cohort_overflow": np.array([0, 3])},
+            {"train_loss": np.array([0.5, 1.5]), "cohort_overflow": np.array([1, 0])},
+        ]
+        for private in (False, True):
+            track = sweep_lib._Tracker(2, private=private)
+            track.pending += metrics
+            track.evaluated(2, np.array([0.3, 0.4]), np.array([0.9, 0.8]))
+            result = track.result(1)
+            self.assertEqual((result["test_loss"], result["test_accuracy"]), (0.4, 0.8))
+            if private:
+                self.assertNotIn("train_loss", result)
+                self.assertNotIn("cohort_overflow", result)
+                self.assertNotIn("train_loss", result["curve"][0])
+            else:
+                self.assertEqual(result["train_loss"], 1.5)  # the last round's
+                self.assertEqual(result["cohort_overflow"], 3)  # summed over rounds
+                self.assertEqual(result["curve"][0]["train_loss"], 1.5)
+            self.assertEqual(track.pending, [])
+
+    def test_composition_footer(self):
+        privacy = {
+            "points": 3,
+            "delta": 1e-5,
+            "accountant": "rdp",
+            "neighboring_relation": "replace_one_user",
+            "epsilon_all_points": 4.5,
+        }
+        self.assertEqual(
+            sweep_lib.composition_footer(privacy),
+            "Releasing all 3 points together (same data; delta=1e-05, rdp, replace_one_user): "
+            "epsilon = 4.500. Each row's epsilon is one point alone.",
+        )
 
 
 class ConfigTest(parameterized.TestCase):

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_dp._src import base
+from fedjax_dp._src import noise as noise_lib
 
 _NORMS = ("l2", "l1")
 
@@ -262,7 +263,7 @@ def add_laplace_noise(
         leaves, treedef = jax.tree.flatten(total)
         keys = jax.random.split(key, len(leaves))
         noisy = [
-            (x.astype(jnp.float32) + scale * jax.random.laplace(k, x.shape, jnp.float32)).astype(
+            (x.astype(jnp.float32) + scale * noise_lib.laplace(k, x.shape, jnp.float32)).astype(
                 x.dtype
             )
             for k, x in zip(keys, leaves)
@@ -464,7 +465,7 @@ def adaptive_clipping(
         noisy_total = jax.tree.map(
             jnp.add, total, base.gaussian_like(value_key, total, _value_multiplier(z, sigma_b) * c)
         )
-        count_noise = sigma_b * jax.random.normal(count_key, (), jnp.float32)
+        count_noise = sigma_b * noise_lib.gaussian(count_key, (), jnp.float32)
         fraction = (jnp.asarray(hparams[stat], jnp.float32) + count_noise) / m + 0.5
         gamma = jnp.asarray(hparams[target_quantile], jnp.float32)
         eta = jnp.asarray(hparams[clip_lr], jnp.float32)

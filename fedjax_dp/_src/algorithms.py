@@ -261,12 +261,18 @@ def resolve(config: AlgorithmConfig) -> AlgorithmConfig:
             "example_clip_norm/example_noise_multiplier (example-level DP) are set but algorithm "
             f"{c.name!r} does not use them; use name='dp_sgd_fedavg' or unset them"
         )
-    if c.sampling not in ("fixed", "poisson"):
-        raise ValueError(f"sampling={c.sampling!r} must be 'fixed' or 'poisson'")
+    if c.sampling not in SAMPLINGS:
+        raise ValueError(f"sampling={c.sampling!r} must be one of {list(SAMPLINGS)}")
     if c.sampling == "poisson" and c.sampling_rate is None:
         raise ValueError("sampling='poisson' needs sampling_rate (the inclusion probability q)")
-    if c.sampling == "fixed" and c.cohort_size is None:
-        raise ValueError("sampling='fixed' needs cohort_size")
+    if c.sampling in ("fixed", "shuffle") and c.cohort_size is None:
+        raise ValueError(f"sampling={c.sampling!r} needs cohort_size")
+    if c.sampling == "shuffle" and (c.user_dp or c.example_dp):
+        raise ValueError(
+            "sampling='shuffle' (epochs of disjoint cohorts) has no privacy amplification "
+            "analysis here, so a DP run cannot be accounted with it; use sampling='fixed' or "
+            "'poisson'"
+        )
     if c.memory_budget_mb is not None and not c.memory_budget_mb > 0:
         raise ValueError(f"memory_budget_mb={c.memory_budget_mb!r} must be positive (MiB)")
     if c.clipping not in clipping_lib.METHODS:
@@ -276,6 +282,9 @@ def resolve(config: AlgorithmConfig) -> AlgorithmConfig:
     check_hparams(hparams_of(c))
     return c
 
+
+#: Cohort samplers of :class:`AlgorithmConfig` (``fedjax_dp.sampling``).
+SAMPLINGS = ("fixed", "poisson", "shuffle")
 
 _USER_DP_OPTIONS = (
     "mechanism",
@@ -472,6 +481,17 @@ class Simulation:
         check_hparams(hp)
         return {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
 
+    def central_gaussian_releases(self, hparams: dict[str, Any]) -> list[tuple[str, str, float]]:
+        """``(upload name, noise hparam, noise multiplier)`` of each central Gaussian release
+        of one round under ``hparams`` (SCAFFOLD with DP: the delta and the control variate);
+        :meth:`round_privacy` accounts them together as one mechanism."""
+        return [
+            (name, stage.noise_multiplier, float(hparams[stage.noise_multiplier]))
+            for name, (cs, ss) in (self.round.upload_stages or {}).items()
+            for stage in base.dp_stages((*cs, *ss))
+            if stage.noise_multiplier and stage.mechanism == "gaussian"
+        ]
+
     def round_privacy(self, hparams: dict[str, Any]):
         """The :class:`fedjax_dp.accounting.RoundPrivacy` of one round under ``hparams``.
 
@@ -487,19 +507,29 @@ class Simulation:
         std, the sensitivity in noise units is ``sqrt(sum_j sigma_j^-2)``). Accounting them
         as separately sampled mechanisms would not be valid, and not composing them would
         under-report. With adaptive clipping the noise multiplier is the round's total
-        ``z``. Poisson sampling with stragglers dropped or dropouts: the uploads are a
-        Poisson sample with rate ``q * upload_probability`` (:mod:`fedjax_dp.systems`).
+        ``z``.
+
+        A Poisson sampler's static cohort size is its cap ``K`` (``max_cohort_size``: a
+        uniformly random ``K`` of the selected clients are kept), accounted exactly. With
+        stragglers dropped or dropouts, every kept client uploads with probability
+        ``upload_probability`` independently of the data (:mod:`fedjax_dp.systems`): the
+        user-level rounds credit that thinning where the cap does not bind
+        (:attr:`fedjax_dp.accounting.RoundPrivacy.upload_probability`); example-level rounds
+        and fixed-size sampling do not credit it (a valid, looser bound).
         """
         from fedjax_dp import accounting  # host side only
 
         s = self.sampler
+        poisson = s.sampling == "poisson"
         upload_p = self.round.systems.upload_probability
         common = dict(
             sampling=s.sampling,
             num_clients=s.num_clients,
-            sampling_rate=s.sampling_rate * upload_p if s.sampling == "poisson" else None,
-            cohort_size=s.cohort_size if s.sampling == "fixed" else None,
+            sampling_rate=s.sampling_rate if poisson else None,
+            cohort_size=None if poisson else s.cohort_size,
+            max_cohort_size=s.cohort_size if poisson else None,
         )
+        thinning = dict(upload_probability=upload_p) if poisson else {}
         out = []
         central: list[float] = []
         mechanisms = set()
@@ -519,6 +549,7 @@ class Simulation:
                             compositions=1,
                             mechanism=stage.mechanism,
                             **common,
+                            **(thinning if stage.mechanism != "local_gaussian" else {}),
                         )
                     )
         if len(mechanisms) > 1 or len(out) > 1:
@@ -538,6 +569,7 @@ class Simulation:
                     compositions=1,
                     mechanism="gaussian",
                     **common,
+                    **thinning,
                 )
             )
         if self.client.example_dp:
@@ -659,6 +691,8 @@ def build_simulation(
         )
     if config.sampling == "fixed":
         sampler = sampling.fixed_size(data.num_clients, config.cohort_size)
+    elif config.sampling == "shuffle":
+        sampler = sampling.shuffled(data.num_clients, config.cohort_size)
     else:
         sampler = sampling.poisson(data.num_clients, config.sampling_rate)
 

@@ -38,9 +38,12 @@ does not depend on the cohort, and the sum is divided by the PUBLIC expected coh
 ``q * population``, which does not depend on who is included. Only the per-round metrics
 (cohort count, training loss) could tell, and they are not part of the audited output (the
 model). With fixed-size sampling a zero-delta canary still takes a cohort slot; the pair is
-then "replace one client by a client with a zero delta", which is the replace-one relation
-that the fixed-size accountant reports. (A stage whose output depends on the number of
-participants, e.g. a noisy count of clipped clients, would break the Poisson equivalence.)
+then "replace one client by a client with a zero delta", the replace-one relation, which the
+run's default add/remove accounting does not cover: :func:`audited_round_privacy` accounts
+fixed-size audits under ``relation="replace_one_user"`` (RDP only; ``accountant="pld"`` is
+refused with a message), every released run of the audit alike. (A stage whose output depends
+on the number of participants, e.g. a noisy count of clipped clients, would break the Poisson
+equivalence.)
 
 **What it measures, and its limits.** A one-run audit gives a LOWER bound that holds with
 probability ``1 - beta``: a bound above the accounted epsilon means the claim is false (a bug
@@ -578,8 +581,16 @@ class CanaryAuditor:
         hparams.update(server_lr=hparams["server_lr"] * lr_factor, canary_norm=norm)
         hparams = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
 
+        audited = audited_round_privacy(sim.round_privacy(claimed))
+        if accountant == "pld" and any(rp.relation == "replace_one_user" for rp in audited):
+            raise ValueError(
+                "accountant='pld': a fixed-size canary audit is accounted under replace-one "
+                "(a zero-delta canary keeps its cohort slot), which only the RDP accountant "
+                "analyses; use accountant='rdp' (privacy.accountant=rdp) or "
+                "sampling='poisson'"
+            )
         acct = accounting.Accountant(delta=delta, accountant=accountant, conversion=conversion)
-        for rp in sim.round_privacy(claimed):
+        for rp in audited:
             acct.compose(rp, int(rounds))
         accounted = acct.epsilon()
 
@@ -612,6 +623,28 @@ class CanaryAuditor:
             canary_norm=norm,
             server_lr_factor=lr_factor,
         )
+
+
+def audited_round_privacy(rounds: Sequence[Any]) -> list[Any]:
+    """The rounds of an audited run under the relation its canary pair actually is.
+
+    With Poisson sampling an excluded canary (a zero delta) is distributed as an absent one,
+    so the run's add/remove accounting applies unchanged. With fixed-size sampling the canary
+    keeps its cohort slot: the pair is replace-one, and the rounds are accounted with
+    ``relation="replace_one_user"`` (module docstring, "Neighbouring relation").
+
+    Args:
+      rounds: :class:`fedjax_dp.accounting.RoundPrivacy` of one round of the run.
+
+    Returns:
+      The same rounds, fixed-size user-level ones under ``"replace_one_user"``.
+    """
+    return [
+        dataclasses.replace(rp, relation="replace_one_user")
+        if rp.sampling == "fixed" and rp.unit == "user" and rp.mechanism == "gaussian"
+        else rp
+        for rp in rounds
+    ]
 
 
 def build_canary_auditor(
@@ -726,6 +759,11 @@ def run_audit(cfg, *, write: bool = True, log=print) -> list[dict[str, Any]]:
     in the canary run. Prints a table and writes ``cfg.audit.output`` (default
     ``<run.output_dir>/audit.json``).
 
+    Every run trains on the same clients and releases its model, so the audit as a whole
+    releases all of them: the table's footer, the log and the JSON's ``privacy`` block
+    (:func:`composition`) give the epsilon of releasing every run together next to each
+    row's own accounted epsilon.
+
     Returns:
       The rows (dicts), as written to the JSON.
     """
@@ -783,8 +821,11 @@ def run_audit(cfg, *, write: bool = True, log=print) -> list[dict[str, Any]]:
         + (f", {held_out.num_clients} clients held out for the attack" if held_out else "")
     )
     rows = []
+    releases: list[tuple[float, list[tuple[Any, int]]]] = []  # (sigma, that run's rounds)
     for sigma in sigmas:
         claimed = {k: float(v) for k, v in sim.make_hparams(noise_multiplier=sigma).items()}
+        audited = audited_round_privacy(sim.round_privacy(claimed))
+        releases.append((sigma, [(rp, cfg.run.rounds) for rp in audited]))
         train_hp, canary_norm = fault_hparams(a.fault, claimed)
         bar = experiment._progress(cfg.run.rounds, cfg.run.progress)
         try:
@@ -811,7 +852,14 @@ def run_audit(cfg, *, write: bool = True, log=print) -> list[dict[str, Any]]:
                 run=dataclasses.replace(cfg.run, progress=False),
             )
             with contextlib.redirect_stdout(io.StringIO()):  # its per-evaluation lines
-                final = experiment.run(run_cfg, write=False, log=lambda *_: None).final
+                attacked = experiment.run(run_cfg, write=False, log=lambda *_: None)
+            final = attacked.final
+            attack_rounds = [pair for s in attacked.schedules.values() for pair in s]
+            # One relation for everything the audit releases (fixed size: replace-one).
+            relations = audited_round_privacy([rp for rp, _ in attack_rounds])
+            releases.append(
+                (sigma, [(rp, n) for rp, (_, n) in zip(relations, attack_rounds, strict=True)])
+            )
             row["test_accuracy"] = final["test_accuracy"]
             row.update({k: v for k, v in final.items() if k.startswith("attack_")})
         rows.append(row)
@@ -822,23 +870,89 @@ def run_audit(cfg, *, write: bool = True, log=print) -> list[dict[str, Any]]:
             f"{g.num_guesses} correct guesses, k+={g.k_plus}, k-={g.k_minus})"
             + (f", attack AUC {row['attack_auc']:.3f}" if held_out is not None else "")
         )
+    privacy = composition(releases, cfg)
     log("")
-    log(format_table(rows, delta=p.delta, significance=a.significance))
+    log(format_table(rows, delta=p.delta, significance=a.significance, privacy=privacy))
     if write:
         out = pathlib.Path(a.output or pathlib.Path(cfg.run.output_dir) / "audit.json")
         out.parent.mkdir(parents=True, exist_ok=True)
-        doc = {"config": experiment.to_dict(cfg), "rows": rows}
+        doc = {"config": experiment.to_dict(cfg), "privacy": privacy, "rows": rows}
         out.write_text(json.dumps(doc, indent=2) + "\n")
         log(f"wrote {out}")
     return rows
+
+
+def composition(releases: Sequence[tuple[float, Sequence[tuple[Any, int]]]], cfg) -> dict:
+    """What the audit's epsilons cover, and the epsilon of releasing all its runs together.
+
+    Args:
+      releases: one ``(noise multiplier, rounds)`` pair per run the audit trained and released
+        (a canary run per noise multiplier, plus the attack's run with ``privacy.attack``),
+        ``rounds`` being ``(RoundPrivacy, count)`` pairs as that run's accountant composed
+        them (claimed, with ``audit.fault``).
+      cfg: the experiment config (delta, accountant, conversion, fault).
+
+    Returns:
+      ``neighboring_relation``, ``runs``, ``epsilon_all_runs`` (every run's rounds in one
+      :class:`fedjax_dp.accounting.Accountant`; ``inf`` if a run is non-private, e.g. noise
+      multiplier 0) and, when some runs are non-private, ``private_runs`` and
+      ``epsilon_private_runs`` (the runs with a positive noise multiplier), plus ``delta``,
+      ``accountant``, ``conversion``, ``fault``.
+    """
+    from fedjax_dp import experiment
+
+    p = cfg.privacy
+    every = [pair for _, rounds in releases for pair in rounds]
+    private = [pair for sigma, rounds in releases if sigma > 0 for pair in rounds]
+    out: dict[str, Any] = {
+        "neighboring_relation": every[0][0].neighboring_relation if every else None,
+        "delta": p.delta,
+        "accountant": p.accountant,
+        "conversion": p.conversion,
+        "fault": cfg.audit.fault,
+        "runs": len(releases),
+        "epsilon_all_runs": experiment.composed_epsilon(every, p),
+    }
+    n_private = sum(sigma > 0 for sigma, _ in releases)
+    if n_private < len(releases):
+        out["private_runs"] = n_private
+        out["epsilon_private_runs"] = experiment.composed_epsilon(private, p) if private else None
+    return out
+
+
+def composition_footer(privacy: dict[str, Any]) -> str:
+    """One paragraph: the epsilon of releasing all the audit's runs together."""
+    text = (
+        f"Releasing all {privacy['runs']} runs of this audit together (same clients; delta="
+        f"{privacy['delta']:g}, {privacy['accountant']}, {privacy['neighboring_relation']}): "
+        f"epsilon = {_eps(privacy['epsilon_all_runs'])}"
+    )
+    if "private_runs" in privacy:
+        eps = privacy["epsilon_private_runs"]
+        text += (
+            " (a run with noise multiplier 0 is among them); the "
+            f"{privacy['private_runs']} runs with noise: epsilon = "
+            + ("-" if eps is None else _eps(eps))
+        )
+    text += ". Each row's accounted epsilon is one canary run alone"
+    if privacy.get("fault", "none") != "none":
+        text += f" (as claimed: audit.fault = {privacy['fault']} trains with less privacy)"
+    return text + "."
 
 
 def _eps(x: float) -> str:
     return "inf" if math.isinf(x) else f"{x:.3f}"
 
 
-def format_table(rows: Sequence[dict[str, Any]], *, delta: float, significance: float) -> str:
-    """A Markdown table of :func:`run_audit` rows."""
+def format_table(
+    rows: Sequence[dict[str, Any]],
+    *,
+    delta: float,
+    significance: float,
+    privacy: dict[str, Any] | None = None,
+) -> str:
+    """A Markdown table of :func:`run_audit` rows; with ``privacy`` (:func:`composition`) a
+    footer gives the epsilon of releasing every run together."""
     attack = any("attack_auc" in r for r in rows)
     head = [
         "noise multiplier",
@@ -864,4 +978,6 @@ def format_table(rows: Sequence[dict[str, Any]], *, delta: float, significance: 
                 f"{r['test_accuracy']:.3f}",
             ]
         lines.append("| " + " | ".join(cells) + " |")
+    if privacy is not None:
+        lines += ["", composition_footer(privacy)]
     return "\n".join(lines)

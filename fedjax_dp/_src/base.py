@@ -197,11 +197,18 @@ def tree_where(cond: jax.Array, a: PyTree, b: PyTree) -> PyTree:
 
 
 def gaussian_like(key: jax.Array, tree: PyTree, stddev: jax.Array) -> PyTree:
-    """Independent N(0, stddev^2) noise with the structure of ``tree``; one key per leaf."""
+    """Independent N(0, stddev^2) noise with the structure of ``tree``; one key per leaf.
+
+    Drawn in float32 by :func:`fedjax_dp._src.noise.gaussian` (support to 9.49 sigma; float32
+    ``jax.random.normal`` stops near 5.4 sigma, which breaks the claimed ``delta``), scaled,
+    then cast to each leaf's dtype.
+    """
+    from fedjax_dp._src import noise as noise_lib
+
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(key, len(leaves))
     noise = [
-        (stddev * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype)
+        (stddev * noise_lib.gaussian(k, x.shape, jnp.float32)).astype(x.dtype)
         for k, x in zip(keys, leaves)
     ]
     return jax.tree.unflatten(treedef, noise)

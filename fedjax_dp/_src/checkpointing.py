@@ -32,7 +32,11 @@ import orbax.checkpoint as ocp
 #: The folder of ``run.output_dir`` that holds the checkpoints.
 CHECKPOINT_DIR = "checkpoints"
 
-_VERSION = 2  # 2: ServerState with client_states and server_aux (Round v2)
+# 2: ServerState with client_states and server_aux (Round v2); 3: with sampler_state, and
+# accountants of capped Poisson rounds (max_cohort_size, upload_probability).
+_VERSION = 3
+# What each format added, for the message that refuses an older one.
+_ADDED = {2: "per-client state", 3: "a sampler state and exact accounting of the cohort cap"}
 
 #: Options that may change when a run resumes: they do not change the trained parameters or
 #: the accounted privacy. ``run.rounds`` may change too, unless it sets the noise (see
@@ -214,7 +218,9 @@ class Checkpointer:
         if isinstance(version, int) and version < _VERSION:
             raise ValueError(
                 f"{self.directory / str(round)} is a fedjax_dp checkpoint of format {version}, "
-                f"written before the server state gained per-client state (format {_VERSION}); "
+                f"written before the checkpoint gained "
+                + ", ".join(_ADDED[v] for v in range(version + 1, _VERSION + 1) if v in _ADDED)
+                + f" (format {_VERSION}); "
                 "it cannot be resumed: start over with --run.resume false or another "
                 "--run.output_dir"
             )

@@ -272,7 +272,14 @@ def _check_population(sim_or_round: Any, population: HostPopulation) -> None:
         )
 
 
-def _produce(stop, out, sample, population, keys, device):
+def _stateless(sample):
+    def step(key, round_index, sampler_state):
+        return sample(key), sampler_state
+
+    return step
+
+
+def _produce(stop, out, sample_step, start, population, keys, device):
     """The prefetch thread: sample, gather, device_put, queue; stops when ``stop`` is set.
 
     It holds no reference to its :class:`CohortPrefetcher`, so an abandoned prefetcher can be
@@ -288,12 +295,13 @@ def _produce(stop, out, sample, population, keys, device):
                 continue
         return False
 
+    round_index, sampler_state = start
     try:
         for index, key in enumerate(keys):
             if stop.is_set():
                 return
             t0 = time.perf_counter()
-            cohort = sample(key)
+            cohort, sampler_state = sample_step(key, round_index + index, sampler_state)
             ids, mask = jax.device_get((cohort.ids, cohort.mask))
             data = population.gather(ids, mask)
             data, cohort = jax.device_put((data, cohort), device)
@@ -326,6 +334,10 @@ class CohortPrefetcher:
       depth: queue depth, ``>= 1`` (2: the next round is ready while one more is gathered).
       device: optional ``jax.device_put`` target for the cohort (a device or a sharding);
         default: the default device.
+      state: the :class:`fedjax_dp.ServerState` the first key's round starts from; needed
+        with a stateful sampler (``sampling="shuffle"``), whose cohorts follow the round
+        index and the sampler state (which evolve from the keys alone, so the thread can
+        run ahead of training). Default: round 0 of a stateless sampler.
     """
 
     def __init__(
@@ -336,17 +348,23 @@ class CohortPrefetcher:
         *,
         depth: int = 2,
         device: Any = None,
+        state: Any = None,
     ):
         if int(depth) != depth or depth < 1:
             raise ValueError(f"depth={depth!r} must be a positive integer")
         rnd = _as_round(sim_or_round)
         _check_population(sim_or_round, population)
+        if rnd.sample_step is not None and state is not None:
+            step = rnd.sample_step
+            start = (int(jax.device_get(state.round)), jax.device_get(state.sampler_state))
+        else:  # a stateful sampler's Round.sample raises, naming state=
+            step, start = _stateless(rnd.sample), (0, ())
         self._queue: queue.Queue = queue.Queue(maxsize=int(depth))
         self._stop = threading.Event()
         self._done = False
         self.thread = threading.Thread(
             target=_produce,
-            args=(self._stop, self._queue, rnd.sample, population, iter(keys), device),
+            args=(self._stop, self._queue, step, start, population, iter(keys), device),
             name="fedjax_dp-cohort-prefetch",
             daemon=True,
         )
@@ -401,14 +419,15 @@ def prefetch_cohorts(
     *,
     depth: int = 2,
     device: Any = None,
+    state: Any = None,
 ) -> CohortPrefetcher:
     """A :class:`CohortPrefetcher` (see there for the arguments)::
 
-    with prefetch_cohorts(sim, population, keys) as cohorts:
+    with prefetch_cohorts(sim, population, keys, state=state) as cohorts:
         for c in cohorts:
             state, metrics = sim.round_fn(state, c.data, hparams, c.key, c.cohort)
     """
-    return CohortPrefetcher(sim_or_round, population, keys, depth=depth, device=device)
+    return CohortPrefetcher(sim_or_round, population, keys, depth=depth, device=device, state=state)
 
 
 def run_rounds(
@@ -442,7 +461,10 @@ def run_rounds(
     """
     rnd = _as_round(sim_or_round)
     history = []
-    with prefetch_cohorts(sim_or_round, population, keys, depth=depth, device=device) as cohorts:
+    cohorts = prefetch_cohorts(
+        sim_or_round, population, keys, depth=depth, device=device, state=state
+    )
+    with cohorts:
         for c in cohorts:
             state, metrics = rnd.round_fn(state, c.data, hparams, c.key, c.cohort)
             history.append(metrics)

@@ -64,6 +64,8 @@ class ServerState(NamedTuple):
         of real clients whose upload reached the server (masked scatter, ``mode="drop"``).
       server_aux: what the server keeps and broadcasts besides the params (e.g. SCAFFOLD's
         server control variate), ``()`` if nothing.
+      sampler_state: the cohort sampler's state (:class:`fedjax_dp.sampling.CohortSampler`;
+        ``()`` for a stateless sampler), advanced every round, skipped rounds included.
     """
 
     params: base.Params
@@ -73,6 +75,7 @@ class ServerState(NamedTuple):
     round: jax.Array  # shape=(), dtype=int32: rounds completed
     client_states: Any = ()
     server_aux: Any = ()
+    sampler_state: Any = ()
 
 
 class Round(NamedTuple):
@@ -90,7 +93,12 @@ class Round(NamedTuple):
         metadata.
       sample: ``key -> Cohort``, the cohort (with its systems draws: who uploads, step
         budgets) that ``round_fn`` uses for the round key ``key``, so the host can gather
-        its data ahead of the round (jitted unless ``jit=False``).
+        its data ahead of the round (jitted unless ``jit=False``). A stateful sampler's
+        cohort also depends on the round index and the sampler state: ``sample`` raises,
+        use ``sample_step``.
+      sample_step: ``(key, round_index, sampler_state) -> (Cohort, new_sampler_state)``,
+        the same for any sampler (``round_index = state.round``, ``sampler_state =
+        state.sampler_state``).
       upload_stages: ``{name: (client_stages, server_stages)}`` of every upload,
         ``"delta"`` included.
       aggregator: the :class:`fedjax_dp.aggregators.Aggregator`.
@@ -105,6 +113,7 @@ class Round(NamedTuple):
     upload_stages: Mapping[str, tuple[tuple, tuple]] | None = None
     aggregator: aggregators.Aggregator | None = None
     systems: systems_lib.Systems = systems_lib.Systems()
+    sample_step: Callable[..., tuple[Cohort, Any]] | None = None
 
 
 def build_round(
@@ -261,6 +270,7 @@ def build_round(
             round=jnp.zeros((), jnp.int32),
             client_states=client_states,
             server_aux=server_aux,
+            sampler_state=sampler.initial_state(),
         )
 
     def _upload_template(params, server_aux, data, local_template, hparams, key):
@@ -374,19 +384,36 @@ def build_round(
 
     _axis = None if mesh is None else "clients"
 
+    def sample_step(key, round_index, sampler_state) -> tuple[Cohort, Any]:
+        ids, mask, overflow, sampler_state = sampler.step(
+            jax.random.fold_in(key, _SAMPLE), round_index, sampler_state
+        )
+        cohort = Cohort(ids, mask, overflow, *_draw_systems(systems, key, ids, mask, client))
+        return cohort, sampler_state
+
     def sample(key) -> Cohort:
-        ids, mask, overflow = sampler.sample(jax.random.fold_in(key, _SAMPLE))
-        return Cohort(ids, mask, overflow, *_draw_systems(systems, key, ids, mask, client))
+        if sampler.stateful:
+            raise ValueError(
+                f"the {sampler.sampling!r} sampler is stateful: its cohort depends on the "
+                "round index and the sampler state; use Round.sample_step(key, state.round, "
+                "state.sampler_state), or pass state= to fedjax_dp.population.prefetch_cohorts"
+            )
+        return sample_step(key, jnp.zeros((), jnp.int32), ())[0]
 
     def round_fn(state: ServerState, data, hparams, key, cohort: Cohort | None = None):
         params = state.params
         hparams = _with_state_hparams(hparams, state, stages_of)
         if cohort is None:
-            cohort = sample(key)
+            cohort, sampler_state = sample_step(key, state.round, state.sampler_state)
             rows = cohort.ids
         else:
             cohort = _check_cohort(cohort, data, cohort_size, systems, key, client)
             rows = jnp.arange(cohort_size, dtype=jnp.int32)
+            sampler_state = state.sampler_state
+            if sampler.stateful:  # the state the host's sample_step reached for this round
+                sampler_state = sampler.step(
+                    jax.random.fold_in(key, _SAMPLE), state.round, state.sampler_state
+                )[3]
         ids, mask, uploaded, budget = (
             cohort.ids,
             cohort.mask,
@@ -498,11 +525,14 @@ def build_round(
             state.round + 1,
             client_states,
             server_aux,
+            sampler_state,
         )
         if systems.min_clients:
-            # Skipped round: nothing but the round counter changes (client states were not
-            # written above).
-            kept = state._replace(round=state.round + 1, client_states=client_states)
+            # Skipped round: nothing but the round counter and the sampler state change
+            # (client states were not written above).
+            kept = state._replace(
+                round=state.round + 1, client_states=client_states, sampler_state=sampler_state
+            )
             new_state = base.tree_where(skipped, kept, new_state)
         metrics = {
             "train_loss": msums["loss_sum"] / jnp.maximum(msums["num_seen"], 1.0),
@@ -523,7 +553,8 @@ def build_round(
         return new_state, metrics
 
     fn = jax.jit(round_fn, donate_argnums=0) if jit else round_fn
-    sample_fn = jax.jit(sample) if jit else sample
+    sample_fn = jax.jit(sample) if jit and not sampler.stateful else sample
+    sample_step_fn = jax.jit(sample_step) if jit else sample_step
     return Round(
         init,
         fn,
@@ -533,6 +564,7 @@ def build_round(
         upload_stages=stages_of,
         aggregator=aggregator,
         systems=systems,
+        sample_step=sample_step_fn,
     )
 
 

@@ -44,7 +44,12 @@ the gap to the baseline is the cost of clipping and noise alone. Its epsilon is 
 (:func:`fedjax_dp.experiment._privacy_plan`, so noise schedules, ``privacy.target_epsilon``
 without ``sweep.noise_multipliers`` and the noise-cohort trick behave as in ``fedjax-dp
 run``), once per distinct noise multiplier: clip norms, learning rates and seeds do not
-change it.
+change it. Each row's epsilon is that of ONE point. All points train on the same data, so
+releasing the grid composes them: ``sweep.json``'s ``privacy`` block, the table's footer and
+the log give the epsilon of releasing all points together (:meth:`Sweep.composed_epsilons`:
+every point's rounds in one accountant; ``inf`` with the non-private baseline, so also
+without the baseline). A DP sweep writes no training loss, cohort size or overflow count
+(functions of the training data that the accountant does not cover).
 
 **Memory.** A vmapped round holds every point's cohort chunk at once (with the seeds in
 sequence, one seed's points at a time): memory grows with points x
@@ -116,6 +121,8 @@ class SweepResult:
       timing: wall times of the training (``train_s``), of the first round (compilation
         included, ``first_round_s``), rounds, points and point-rounds per second.
       output_dir: where the files went (``None`` with ``write=False``).
+      privacy: what the sweep's epsilons cover and the epsilon of releasing all its points
+        together (:func:`composition`; ``None`` without DP).
     """
 
     rows: list[dict[str, Any]]
@@ -123,6 +130,7 @@ class SweepResult:
     params: Any
     timing: dict[str, Any]
     output_dir: pathlib.Path | None
+    privacy: dict[str, Any] | None = None
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -401,6 +409,45 @@ class Sweep:
         self._epsilons = out
         return out
 
+    def composed_epsilons(self, *, baseline: bool = True) -> dict[str, float]:
+        """``{label: epsilon}`` of releasing every point of the sweep together.
+
+        All points train on the same data, so their releases compose: every point's rounds
+        (each seed of each setting, ``run.rounds`` rounds of its privacy plan) go into one
+        :class:`fedjax_dp.accounting.Accountant` per label, with the run's delta, accountant
+        and conversion (heterogeneous composition; rounds with the same
+        :class:`~fedjax_dp.accounting.RoundPrivacy` are composed at once). A non-private
+        point (the baseline, noise multiplier 0) makes it ``inf``. ``baseline=False`` leaves
+        the baseline points out (the epsilon of releasing the DP points only). ``{}``
+        without DP.
+        """
+        from fedjax_dp import experiment
+
+        if self.unit is None:
+            return {}
+        labels = next(iter(self._plans.values())).accountants  # every setting's plan has them
+        schedules: dict[str, list] = {label: [] for label in labels}
+        for i, st in enumerate(self.settings):
+            plan = self._plans.get(i)
+            if plan is None:  # the non-private baseline
+                if baseline:
+                    return {label: math.inf for label in labels}
+                continue
+            for r in range(self.cfg.run.rounds):
+                for label, rp in plan.round_privacy(r).items():
+                    schedules[label].append((rp, len(self.seeds)))
+        return {
+            label: experiment.composed_epsilon(schedule, self.cfg.privacy)
+            for label, schedule in schedules.items()
+        }
+
+    def neighboring_relation(self) -> str | None:
+        """The neighbouring relation of the sweep's epsilons (``None`` without DP)."""
+        from fedjax_dp import experiment
+
+        plan = next(iter(self._plans.values()), None)
+        return None if plan is None else experiment.relation_of(plan.round_privacy(0))
+
     # ----------------------------------------------------------------------------- training
 
     @property
@@ -527,10 +574,10 @@ class Sweep:
         """Trains every point for ``run.rounds`` rounds, evaluating every ``run.eval_every``.
 
         Returns:
-          ``(results, params, timing)``: per point a dict (``train_loss`` of the last round,
-          ``test_loss``, ``test_accuracy``, ``cohort_overflow`` summed over rounds and
-          ``curve``, the evaluations), the final parameters (leaves ``[num_points, *leaf]``)
-          and the wall times.
+          ``(results, params, timing)``: per point a dict (``test_loss``, ``test_accuracy``,
+          ``curve``, the evaluations; without DP also ``train_loss`` of the last round and
+          ``cohort_overflow`` summed over rounds, which a DP sweep does not release), the
+          final parameters (leaves ``[num_points, *leaf]``) and the wall times.
         """
         cfg = self.cfg
         vectorize = cfg.sweep.vectorize if vectorize is None else vectorize
@@ -555,7 +602,7 @@ class Sweep:
                     states, table, train_keys = self._group_inputs(shape, seeds, settings)
                     # Row j of the flattened [seeds, settings] group is point `points[j]`.
                     points = [s * n_seeds + k for k in seeds for s in settings]
-                    track = _Tracker(group)
+                    track = _Tracker(group, private=self.unit is not None)
                     for r in range(rounds):
                         states, metrics = step(states, data, table, train_keys, r)
                         track.pending.append(metrics)
@@ -586,7 +633,7 @@ class Sweep:
                     root = jax.random.key(seed)
                     state = self.sim.init(jax.random.fold_in(root, 0))
                     train_key = jax.random.fold_in(root, 1)
-                    track = _Tracker(1)
+                    track = _Tracker(1, private=self.unit is not None)
                     table = self._table[:, setting]
                     for r in range(rounds):
                         values = table[min(r, len(table) - 1)]
@@ -637,39 +684,45 @@ class Sweep:
 
 
 class _Tracker:
-    """Per-round metrics of ``n`` points, fetched at evaluation points (one host sync)."""
+    """Per-round metrics of ``n`` points, fetched at evaluation points (one host sync).
 
-    def __init__(self, n: int):
+    With ``private`` (a DP sweep) the training loss and the cohort overflow are neither
+    fetched nor reported: they are functions of the training data that the accountant does
+    not cover (see ``docs/privacy.md``, "What a run releases").
+    """
+
+    def __init__(self, n: int, *, private: bool):
         self.n = n
+        self.private = private
         self.pending: list[dict[str, jax.Array]] = []
         self.overflow = np.zeros(n, np.int64)
         self.curve: list[list[dict[str, float]]] = [[] for _ in range(n)]
 
     def evaluated(self, rnd: int, loss: np.ndarray, accuracy: np.ndarray) -> None:
-        fetched = jax.device_get(self.pending)
+        last = None
+        if not self.private:
+            fetched = jax.device_get(self.pending)
+            for m in fetched:
+                self.overflow += np.reshape(m["cohort_overflow"], self.n).astype(np.int64)
+            last = np.reshape(fetched[-1]["train_loss"], self.n)
         self.pending.clear()
-        for m in fetched:
-            self.overflow += np.reshape(m["cohort_overflow"], self.n).astype(np.int64)
-        last = np.reshape(fetched[-1]["train_loss"], self.n)
         for j in range(self.n):
-            self.curve[j].append(
-                {
-                    "round": rnd,
-                    "train_loss": float(last[j]),
-                    "test_loss": float(loss[j]),
-                    "test_accuracy": float(accuracy[j]),
-                }
-            )
+            point = {"round": rnd}
+            if last is not None:
+                point["train_loss"] = float(last[j])
+            point.update(test_loss=float(loss[j]), test_accuracy=float(accuracy[j]))
+            self.curve[j].append(point)
 
     def result(self, j: int) -> dict[str, Any]:
         final = self.curve[j][-1]
-        return {
-            "train_loss": final["train_loss"],
-            "test_loss": final["test_loss"],
-            "test_accuracy": final["test_accuracy"],
-            "cohort_overflow": int(self.overflow[j]),
-            "curve": self.curve[j],
-        }
+        out: dict[str, Any] = {}
+        if not self.private:
+            out["train_loss"] = final["train_loss"]
+        out.update(test_loss=final["test_loss"], test_accuracy=final["test_accuracy"])
+        if not self.private:
+            out["cohort_overflow"] = int(self.overflow[j])
+        out["curve"] = self.curve[j]
+        return out
 
 
 def _flatten2(tree):
@@ -742,11 +795,9 @@ def summarize(
         )
         for seed, a in zip(seeds, acc):
             row[f"accuracy_seed{seed}"] = float(a)
-        row.update(
-            test_loss_mean=float(np.mean(loss)),
-            test_loss_std=_std(loss),
-            train_loss_mean=float(np.mean([p["train_loss"] for p in mine])),
-        )
+        row.update(test_loss_mean=float(np.mean(loss)), test_loss_std=_std(loss))
+        if all("train_loss" in p for p in mine):  # non-private sweeps only
+            row["train_loss_mean"] = float(np.mean([p["train_loss"] for p in mine]))
         rows.append(row)
     return rows
 
@@ -763,8 +814,14 @@ def _fmt(x, spec: str = ".4g") -> str:
     return format(x, spec)
 
 
-def format_table(rows: Sequence[dict[str, Any]], *, delta: float | None) -> str:
-    """A Markdown table of :func:`summarize` rows."""
+def format_table(
+    rows: Sequence[dict[str, Any]],
+    *,
+    delta: float | None,
+    privacy: dict[str, Any] | None = None,
+) -> str:
+    """A Markdown table of :func:`summarize` rows; with ``privacy`` (:func:`composition`) a
+    footer gives the epsilon of releasing all points together."""
     dp = any(r["unit"] for r in rows)
     head = ["setting", "noise multiplier", "clip norm", "client lr", "server lr"]
     if dp:
@@ -787,7 +844,66 @@ def format_table(rows: Sequence[dict[str, Any]], *, delta: float | None) -> str:
             str(r["n_seeds"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    if privacy is not None:
+        lines += ["", composition_footer(privacy)]
     return "\n".join(lines)
+
+
+#: What a DP sweep writes next to its epsilons (``sweep.json``'s ``privacy.released``).
+RELEASED = (
+    "each point's model after every evaluation and its test loss and accuracy on held-out "
+    "data, the hyper-parameters and epsilons; not written: training losses, cohort sizes and "
+    "overflow counts (functions of the training data that the accountant does not cover)"
+)
+
+
+def composition(sweep: Sweep) -> dict[str, Any] | None:
+    """What the sweep's epsilons cover, and the epsilon of releasing all its points together.
+
+    Every point trains on the same data, so publishing the whole grid composes the points'
+    guarantees: ``epsilon_all_points`` is :meth:`Sweep.composed_epsilons` (``inf`` as soon as
+    one point is non-private, e.g. the baseline), ``epsilon_without_baseline`` the same
+    without the baseline points (when there are any). Each row's ``epsilon`` is one point
+    alone. ``None`` without DP.
+    """
+    if sweep.unit is None:
+        return None
+    p, unit = sweep.cfg.privacy, sweep.unit
+    n_base = sum(st.baseline for st in sweep.settings) * len(sweep.seeds)
+    out: dict[str, Any] = {
+        "unit": unit,
+        "neighboring_relation": sweep.neighboring_relation(),
+        "delta": p.delta,
+        "accountant": p.accountant,
+        "conversion": p.conversion,
+        "points": sweep.num_points,
+    }
+    for label, eps in sweep.composed_epsilons().items():
+        out["epsilon_all_points" + ("" if label == unit else f"_{label}")] = eps
+    if n_base:
+        out["points_without_baseline"] = sweep.num_points - n_base
+        for label, eps in sweep.composed_epsilons(baseline=False).items():
+            out["epsilon_without_baseline" + ("" if label == unit else f"_{label}")] = eps
+    out["released"] = RELEASED
+    return out
+
+
+def composition_footer(privacy: dict[str, Any]) -> str:
+    """One paragraph: the epsilon of releasing all points together (:func:`composition`)."""
+    eps = privacy["epsilon_all_points"]
+    text = (
+        f"Releasing all {privacy['points']} points together (same data; delta="
+        f"{privacy['delta']:g}, {privacy['accountant']}, {privacy['neighboring_relation']}): "
+        f"epsilon = {_fmt(eps, '.3f')}"
+    )
+    if "epsilon_without_baseline" in privacy:
+        if math.isinf(eps):
+            text += " (the non-private baseline is among them)"
+        text += (
+            f"; the {privacy['points_without_baseline']} points without the baseline: "
+            f"epsilon = {_fmt(privacy['epsilon_without_baseline'], '.3f')}"
+        )
+    return text + ". Each row's epsilon is one point alone."
 
 
 def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -973,9 +1089,11 @@ def run_sweep(cfg, *, write: bool = True, log: Callable[[str], Any] = print) -> 
     ``run.rounds`` rounds, all points of a group in one vmapped round (see the module
     docstring). Writes to ``cfg.sweep.output`` (default ``<run.output_dir>/sweep``):
     ``sweep.csv`` and ``sweep.json`` (one row per setting: hyper-parameters, epsilon at
-    ``privacy.delta``, rounds, accuracy mean/std and per seed, test loss), ``points.jsonl``
-    (one line per point, with its evaluation curve) and ``accuracy_vs_epsilon.png``; prints
-    the table.
+    ``privacy.delta``, rounds, accuracy mean/std and per seed, test loss; ``sweep.json``
+    also the ``privacy`` block of :func:`composition`: the neighbouring relation and the
+    epsilon of releasing all points together), ``points.jsonl`` (one line per point, with its
+    evaluation curve) and ``accuracy_vs_epsilon.png``; prints the table (its footer: that
+    composed epsilon).
 
     Raises:
       ValueError: an option that cannot be swept or is inconsistent; the message names it
@@ -1009,11 +1127,13 @@ def run_sweep(cfg, *, write: bool = True, log: Callable[[str], Any] = print) -> 
     )
     results, params, timing = sweep.train()
     epsilons = sweep.epsilons()
-    experiment.warn_overflow(
-        sum(r["cohort_overflow"] for r in results),
-        "the sweep's runs",
-        "cohort_overflow in points.jsonl",
-    )
+    if sweep.unit is None:  # a DP sweep does not release the overflow (it stays internal)
+        experiment.warn_overflow(
+            sum(r["cohort_overflow"] for r in results),
+            "the sweep's runs",
+            "cohort_overflow in points.jsonl",
+        )
+    privacy = composition(sweep)
     points = []
     for i, res in enumerate(results):
         s, seed = sweep.point(i)
@@ -1037,7 +1157,7 @@ def run_sweep(cfg, *, write: bool = True, log: Callable[[str], Any] = print) -> 
         delta=p.delta,
         rounds=cfg.run.rounds,
     )
-    table = format_table(rows, delta=p.delta)
+    table = format_table(rows, delta=p.delta, privacy=privacy)
     out_dir = None
     if write:
         out_dir = pathlib.Path(cfg.sweep.output or pathlib.Path(cfg.run.output_dir) / "sweep")
@@ -1054,6 +1174,7 @@ def run_sweep(cfg, *, write: bool = True, log: Callable[[str], Any] = print) -> 
             "seeds": sweep.seeds,
             "partition_seed": experiment.data_seed(cfg),
             "timing": timing,
+            "privacy": privacy,
             "rows": rows,
         }
         (out_dir / "sweep.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -1079,4 +1200,4 @@ def run_sweep(cfg, *, write: bool = True, log: Callable[[str], Any] = print) -> 
     )
     if out_dir is not None:
         log(f"wrote {out_dir}/sweep.csv, sweep.json, points.jsonl, accuracy_vs_epsilon.png")
-    return SweepResult(rows, points, params, timing, out_dir)
+    return SweepResult(rows, points, params, timing, out_dir, privacy)
