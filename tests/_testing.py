@@ -213,3 +213,17 @@ def loop_client_sgd(
         p = jax.tree.map(lambda a, g: a - lr * g, p, g_step)
     delta = jax.tree.map(lambda a, b: a - np.asarray(b, np.float64), p, params)
     return (delta, taken) if return_steps else delta
+
+
+def poisson_run_privacy(sigma, num_clients, q, **kwargs):
+    """The user-level RoundPrivacy of a run with Poisson sampling at its default cap."""
+    from fedjax_dp import accounting, sampling
+
+    return accounting.RoundPrivacy(
+        sigma,
+        "poisson",
+        num_clients,
+        sampling_rate=q,
+        max_cohort_size=sampling.poisson(num_clients, q).cohort_size,
+        **kwargs,
+    )

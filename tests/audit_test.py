@@ -335,20 +335,8 @@ class AuditCommandTest(absltest.TestCase):
         self.assertIn("| noise multiplier | accounted epsilon", text)
         # Releasing every run: 2 canary runs (200 held-in clients + 100 canaries, q = 0.2) and
         # the 2 attack runs (the 100 held-in clients), 3 rounds each, on the same clients.
-        canary_run = accounting.RoundPrivacy(
-            2.0,
-            "poisson",
-            200,
-            sampling_rate=0.2,
-            max_cohort_size=fedjax_dp.sampling.poisson(200, 0.2).cohort_size,
-        )
-        attack_run = accounting.RoundPrivacy(
-            2.0,
-            "poisson",
-            100,
-            sampling_rate=0.2,
-            max_cohort_size=fedjax_dp.sampling.poisson(100, 0.2).cohort_size,
-        )
+        canary_run = _testing.poisson_run_privacy(2.0, 200, 0.2)
+        attack_run = _testing.poisson_run_privacy(2.0, 100, 0.2)
         self.assertAlmostEqual(
             noisy["accounted_epsilon"],
             accounting.epsilon(canary_run, rounds=3, delta=1e-5),

@@ -19,7 +19,8 @@ import numpy as np
 from absl.testing import absltest, parameterized
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 
-from fedjax_dp import accounting, experiment, sampling
+from fedjax_dp import accounting, experiment
+from tests import _testing
 
 DELTA = 1e-5
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -462,9 +463,7 @@ class ExperimentTest(parameterized.TestCase):
             self.assertLess(a, s * 6 / 600 * (1 + 1e-6))
         self.assertEqual(jitted._cache_size(), 1)
         # The simulated run's own, much weaker, guarantee is reported too.
-        simulated = accounting.privacy_schedule(
-            _poisson(1.0, 0.1, 60, max_cohort_size=sampling.poisson(60, 0.1).cohort_size), added
-        )
+        simulated = accounting.privacy_schedule(_testing.poisson_run_privacy(1.0, 60, 0.1), added)
         final = result.final
         self.assertAlmostEqual(
             final["epsilon_user_simulated"],

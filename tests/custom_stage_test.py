@@ -89,14 +89,7 @@ class CustomStageTest(absltest.TestCase):
     def test_example_runs_and_accounts_like_plain_dp_fedavg(self):
         accuracy, epsilon = _load_example().main(rounds=20)
         self.assertGreater(accuracy, 0.5)  # 10 classes: chance is 0.1
-        privacy = fedjax_dp.accounting.RoundPrivacy(
-            noise_multiplier=1.0,
-            unit="user",
-            sampling="poisson",
-            num_clients=300,
-            sampling_rate=0.1,
-            max_cohort_size=fedjax_dp.sampling.poisson(300, 0.1).cohort_size,  # the run's cap
-        )
+        privacy = _testing.poisson_run_privacy(1.0, 300, 0.1)  # at the run's cohort cap
         expected = fedjax_dp.accounting.epsilon(privacy, rounds=20, delta=1e-4)
         self.assertAlmostEqual(epsilon, expected, places=6)
 

@@ -461,10 +461,10 @@ def run_rounds(
     """
     rnd = _as_round(sim_or_round)
     history = []
-    cohorts = prefetch_cohorts(
+    prefetcher = prefetch_cohorts(
         sim_or_round, population, keys, depth=depth, device=device, state=state
     )
-    with cohorts:
+    with prefetcher as cohorts:
         for c in cohorts:
             state, metrics = rnd.round_fn(state, c.data, hparams, c.key, c.cohort)
             history.append(metrics)

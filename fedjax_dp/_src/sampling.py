@@ -70,14 +70,7 @@ class CohortSampler(NamedTuple):
 
 def fixed_size(num_clients: int, cohort_size: int) -> CohortSampler:
     """Samples exactly ``cohort_size`` distinct clients uniformly at random."""
-    _check_population(num_clients)
-    if not isinstance(cohort_size, int) or isinstance(cohort_size, bool) or cohort_size < 1:
-        raise ValueError(f"cohort_size={cohort_size!r} must be a positive integer")
-    if cohort_size > num_clients:
-        raise ValueError(
-            f"cohort_size={cohort_size} is larger than the population of {num_clients} clients; "
-            f"use cohort_size <= {num_clients}"
-        )
+    _check_cohort_size(num_clients, cohort_size)
 
     def sample(key):
         ids = jax.random.choice(key, num_clients, (cohort_size,), replace=False)
@@ -99,14 +92,7 @@ def shuffled(num_clients: int, cohort_size: int) -> CohortSampler:
     amplification-by-sampling analysis here, so DP runs refuse it (use ``"fixed"`` or
     ``"poisson"``).
     """
-    _check_population(num_clients)
-    if not isinstance(cohort_size, int) or isinstance(cohort_size, bool) or cohort_size < 1:
-        raise ValueError(f"cohort_size={cohort_size!r} must be a positive integer")
-    if cohort_size > num_clients:
-        raise ValueError(
-            f"cohort_size={cohort_size} is larger than the population of {num_clients} clients; "
-            f"use cohort_size <= {num_clients}"
-        )
+    _check_cohort_size(num_clients, cohort_size)
     epoch = num_clients // cohort_size
 
     def draw(key, round_index, perm):
@@ -284,6 +270,17 @@ def _keep_uniform_subset(
         tie_at_cut, redraw, (score, vals, ids, jnp.zeros((), jnp.int32))
     )
     return ids.astype(jnp.int32), vals >= 0
+
+
+def _check_cohort_size(num_clients, cohort_size):
+    _check_population(num_clients)
+    if not isinstance(cohort_size, int) or isinstance(cohort_size, bool) or cohort_size < 1:
+        raise ValueError(f"cohort_size={cohort_size!r} must be a positive integer")
+    if cohort_size > num_clients:
+        raise ValueError(
+            f"cohort_size={cohort_size} is larger than the population of {num_clients} clients; "
+            f"use cohort_size <= {num_clients}"
+        )
 
 
 def _check_population(num_clients):
