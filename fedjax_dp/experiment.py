@@ -27,12 +27,13 @@ import numpy as np
 import tomllib
 
 from fedjax_dp import accounting
+from fedjax_dp import privacy as privacy_lib
 from fedjax_dp._src import attacks as attacks_lib
 from fedjax_dp._src import checkpointing
 from fedjax_dp._src import data as data_lib
 from fedjax_dp._src import models as models_lib
 from fedjax_dp._src import sources as sources_lib
-from fedjax_dp._src.algorithms import AlgorithmConfig, build_simulation, check_hparams
+from fedjax_dp._src.algorithms import AlgorithmConfig, build_simulation
 from fedjax_dp._src.evaluation import evaluate
 
 
@@ -618,244 +619,11 @@ def _check(cfg: ExperimentConfig) -> None:
         )
 
 
-# Which hparam holds the noise multiplier of each unit's Gaussian mechanism.
-_NOISE_HPARAM = {"user": "noise_multiplier", "example": "example_noise_multiplier"}
-
-
-def _float32_at_least(x: float) -> float:
-    """The smallest float32 value >= ``x``: the round computes in float32, and the noise it
-    adds must never be below what is accounted."""
-    f = np.float32(x)
-    if float(f) < x:
-        f = np.nextafter(f, np.float32(np.inf))
-    return float(f)
-
-
-@dataclasses.dataclass
-class _PrivacyPlan:
-    """What each round adds and what is accounted, decided before training (host side).
-
-    Attributes:
-      accountants: label -> accountant; the label is the unit (``"user"``/``"example"``), plus
-        ``"user_simulated"`` with the noise-cohort trick. Metrics report ``epsilon_<label>``.
-      round_privacy: ``round index -> {label: RoundPrivacy}`` to compose after that round.
-      hparams_at: ``round index -> hparams`` the round is called with (the noise multiplier
-        changes with a schedule; the shapes and dtypes do not, so the round is traced once).
-      row_at: ``round index -> extra metrics`` (the accounted noise multiplier).
-      summary: facts for ``summary.json`` (e.g. the calibrated noise multiplier).
-    """
-
-    accountants: dict[str, accounting.Accountant]
-    round_privacy: Any
-    hparams_at: Any
-    row_at: Any
-    summary: dict[str, Any]
-
-
-def _privacy_plan(cfg: ExperimentConfig, sim, hparams, log) -> _PrivacyPlan:
-    """Noise schedule, calibration and the noise-cohort trick of ``cfg.privacy``.
-
-    Without any of them every round adds and accounts ``sim.round_privacy(hparams)``.
-    Otherwise the run must have exactly one Gaussian mechanism (user or example level), whose
-    noise multiplier ``sigma_t`` for round ``t`` is ``sigma * profile_t``, with ``profile`` from
-    :func:`fedjax_dp.accounting.noise_schedule` (``start=1``, ``end=noise_end_ratio``) and
-    ``sigma`` the algorithm's noise multiplier or, with ``target_epsilon``, the one
-    :func:`fedjax_dp.accounting.calibrate` finds for the accounted rounds. Each round adds the
-    smallest float32 ``>=`` its value and that float32 is accounted. With the noise-cohort trick
-    the deployment's rounds (:func:`fedjax_dp.accounting.noise_cohort`) are accounted with
-    ``sigma_t``, the round adds ``sigma_t * m / M``, and the simulated run's own epsilon is
-    reported alongside (``epsilon_user_simulated``).
-    """
-    p, rounds = cfg.privacy, cfg.run.rounds
-    base = sim.round_privacy({k: float(v) for k, v in hparams.items()})
-
-    def new_accountant() -> accounting.Accountant:
-        return accounting.Accountant(
-            delta=p.delta, accountant=p.accountant, conversion=p.conversion
-        )
-
-    scheduled = p.noise_schedule != "constant"
-    asked = [
-        f"privacy.{name}"
-        for name, on in (
-            ("target_epsilon", p.target_epsilon > 0),
-            ("noise_schedule", scheduled),
-            ("noise_cohort_size", p.noise_cohort_size > 0),
-        )
-        if on
-    ]
-    if not asked:
-        fixed = {rp.unit: rp for rp in base}
-        return _PrivacyPlan(
-            {unit: new_accountant() for unit in fixed},
-            lambda _: fixed,
-            lambda _: hparams,
-            lambda _: {},
-            {},
-        )
-    if len(base) != 1:
-        raise ValueError(
-            f"{', '.join(asked)} needs a run with exactly one DP mechanism (algorithm.name = "
-            f"'dp_fedavg' or 'dp_sgd_fedavg'); this run has {len(base)}"
-        )
-    (simulated,) = base
-    unit = simulated.unit
-    key = _NOISE_HPARAM.get(unit)
-    if key not in hparams or float(hparams[key]) != simulated.noise_multiplier:
-        raise ValueError(f"{', '.join(asked)}: this run's {unit}-level mechanism is not supported")
-    if p.noise_cohort_size:
-        if "clipped_count_stddev" in hparams:
-            raise ValueError(
-                "privacy.noise_cohort_size is not supported with adaptive clipping (its "
-                "clipped-count noise is not scaled to the deployment)"
-            )
-        try:
-            # sigma_sim for noise multiplier 1 is the factor m / M.
-            factor, accounted = accounting.noise_cohort(
-                dataclasses.replace(simulated, noise_multiplier=1.0),
-                noise_cohort_size=p.noise_cohort_size,
-                population=p.noise_population or None,
-            )
-        except ValueError as e:
-            raise ValueError(f"privacy.noise_cohort_size: {e}") from None
-    else:
-        factor, accounted = 1.0, simulated
-    profile = accounting.noise_schedule(
-        p.noise_schedule,
-        start=1.0,
-        end=p.noise_end_ratio if scheduled else None,
-        rounds=rounds,
-        stages=p.noise_schedule_stages or None,
-    )
-    summary: dict[str, Any] = {}
-    if p.target_epsilon > 0:
-        try:
-            sigma = accounting.calibrate(
-                p.target_epsilon,
-                delta=p.delta,
-                rounds=rounds,
-                sampling=accounted.sampling,
-                num_clients=accounted.num_clients,
-                sampling_rate=accounted.sampling_rate if accounted.sampling == "poisson" else None,
-                cohort_size=accounted.cohort_size,
-                unit=unit,
-                compositions=accounted.compositions,
-                accountant=p.accountant,
-                conversion=p.conversion,
-                noise_profile=profile if scheduled else None,
-                mechanism=getattr(accounted, "mechanism", "gaussian"),
-                # The run's own rounds: its cap, relation and upload thinning.
-                max_cohort_size=getattr(accounted, "max_cohort_size", None),
-                relation=getattr(accounted, "relation", None),
-                upload_probability=getattr(accounted, "upload_probability", 1.0),
-            )
-        except ValueError as e:
-            raise ValueError(f"privacy.target_epsilon: {e}") from None
-        summary["calibrated_noise_multiplier"] = sigma
-        log(
-            f"  calibrated {unit}-level noise multiplier {sigma:.4f}"
-            + (" (first round)" if scheduled else "")
-            + f" for epsilon <= {p.target_epsilon:g} at delta {p.delta:g} over {rounds} rounds "
-            f"({p.accountant}); it replaces algorithm.{key} = {simulated.noise_multiplier:g}"
-        )
-    else:
-        sigma = simulated.noise_multiplier
-    # Per round: the noise multiplier accounted, and the float32 the round adds (>= its value).
-    if p.noise_cohort_size:
-        accounted_sigmas = [sigma * f for f in profile]
-        added = [_float32_at_least(s * factor) for s in accounted_sigmas]
-    else:
-        accounted_sigmas = added = [_float32_at_least(sigma * f) for f in profile]
-    by_value = {v: {**hparams, key: jax.numpy.asarray(v, np.float32)} for v in set(added)}
-    for hp in by_value.values():
-        check_hparams(hp)
-    rps: dict[tuple[float, float], dict[str, accounting.RoundPrivacy]] = {}
-
-    def round_privacy(r: int) -> dict[str, accounting.RoundPrivacy]:
-        k = (accounted_sigmas[r], added[r])
-        if k not in rps:
-            rps[k] = {unit: dataclasses.replace(accounted, noise_multiplier=k[0])}
-            if p.noise_cohort_size:
-                rps[k][f"{unit}_simulated"] = dataclasses.replace(simulated, noise_multiplier=k[1])
-        return rps[k]
-
-    if scheduled:
-        log(
-            f"  noise schedule: {p.noise_schedule}, {unit}-level noise multiplier "
-            f"{accounted_sigmas[0]:.4g} -> {accounted_sigmas[-1]:.4g} in "
-            f"{len(set(accounted_sigmas))} stages, accounted as a heterogeneous composition"
-        )
-    if p.noise_cohort_size:
-        m = simulated.participation_probability * simulated.num_clients
-        summary.update(
-            noise_cohort_size=p.noise_cohort_size, noise_population=accounted.num_clients
-        )
-        log(
-            f"  noise-cohort trick: noise scaled for a deployment with an expected cohort of "
-            f"{p.noise_cohort_size} clients out of {accounted.num_clients} "
-            f"(participation {accounted.participation_probability:.4g}), noise multiplier "
-            f"{accounted_sigmas[0]:.4g}; this simulation (expected cohort {m:g} of "
-            f"{simulated.num_clients}) adds noise multiplier {added[0]:.4g}, so the noise on "
-            f"the mean update matches the deployment's.\n"
-            f"  CAVEAT: epsilon_{unit} is the guarantee of that larger deployment, NOT of this "
-            f"simulated run, which is protected only at its own, much weaker level "
-            f"(epsilon_{unit}_simulated)."
-        )
-    accountants = {label: new_accountant() for label in round_privacy(0)}
-    return _PrivacyPlan(
-        accountants,
-        round_privacy,
-        lambda r: by_value[added[r]],
-        lambda r: {"noise_multiplier": accounted_sigmas[r]},
-        summary,
-    )
-
-
-#: What a DP run writes next to epsilon (logged at start-up; see docs/privacy.md).
-RELEASED_IN_DP_RUNS = (
-    "released: the model after each round and what is computed from it (test metrics on "
-    "held-out data, update norm, an adaptive clip norm from the noised count), epsilon; "
-    "not written: training loss, cohort sizes, overflow counts (the accountant does not "
-    "cover them)"
-)
-
-
-def relation_of(described: dict[str, Any]) -> str:
-    """What the epsilons of ``described`` refer to, as one string.
-
-    ``described`` maps accountant labels to objects with a ``neighboring_relation``
-    (:class:`~fedjax_dp.accounting.Accountant` or
-    :class:`~fedjax_dp.accounting.RoundPrivacy`): their relation when all share one (e.g.
-    ``"add_or_remove_one_user"``), else ``"<label>: <relation>"`` pairs joined by ``"; "``.
-    """
-    relations = {label: d.neighboring_relation for label, d in described.items()}
-    if len(set(relations.values())) == 1:
-        return str(next(iter(relations.values())))
-    return "; ".join(f"{label}: {relation}" for label, relation in relations.items())
-
-
-def composed_epsilon(schedule, privacy: PrivacyConfig) -> float:
-    """Epsilon at ``privacy.delta`` of releasing everything in ``schedule`` together.
-
-    Args:
-      schedule: ``(RoundPrivacy, count)`` pairs of one unit and neighbouring relation: the
-        rounds of several runs on the same data (a sweep's points, an audit's runs).
-      privacy: the delta, accountant and conversion of the runs.
-
-    Returns:
-      The epsilon of one :class:`~fedjax_dp.accounting.Accountant` that composes every pair
-      (a heterogeneous composition; pairs with the same ``RoundPrivacy`` are added up first,
-      since composition does not depend on the order). ``inf`` if any round is non-private.
-    """
-    counts: dict[accounting.RoundPrivacy, int] = {}
-    for rp, count in schedule:
-        counts[rp] = counts.get(rp, 0) + int(count)
-    acct = accounting.Accountant(
-        delta=privacy.delta, accountant=privacy.accountant, conversion=privacy.conversion
-    )
-    for rp, count in counts.items():
-        acct.compose(rp, count)
-    return acct.epsilon()
+# The privacy plan lives in fedjax_dp.privacy; these names stay importable from here.
+_NOISE_HPARAM = privacy_lib.NOISE_HPARAM
+RELEASED_IN_DP_RUNS = privacy_lib.RELEASED_IN_DP_RUNS
+relation_of = privacy_lib.relation_of
+composed_epsilon = privacy_lib.composed_epsilon
 
 
 def warn_delta(delta: float, num_clients: int) -> None:
@@ -919,9 +687,13 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
             f"delta {cfg.privacy.delta:g}, accountant {cfg.privacy.accountant}, neighbouring "
             f"relation {rp.neighboring_relation}"
         )
-    releases = sim.central_gaussian_releases({k: float(v) for k, v in hparams.items()})
+    releases = [
+        r
+        for r in sim.releases({k: float(v) for k, v in hparams.items()})
+        if r.unit == "user" and r.mechanism == "gaussian"
+    ]
     if len(releases) > 1:
-        parts = ", ".join(f"{name} ({hp} {sigma:g})" for name, hp, sigma in releases)
+        parts = ", ".join(f"{r.upload} ({r.noise_hparam} {r.noise_multiplier:g})" for r in releases)
         log(
             f"  the user-level noise multiplier combines {len(releases)} releases over one "
             f"cohort, (sum sigma^-2)^-1/2 of {parts}"
@@ -929,7 +701,7 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
     if privacy:
         log(f"  {RELEASED_IN_DP_RUNS}")
     # Calibration, noise schedule, noise-cohort trick: decided (and printed) before training.
-    plan = _privacy_plan(cfg, sim, hparams, log)
+    plan = privacy_lib.build_plan(cfg.privacy, sim, hparams, cfg.run.rounds, log)
     accountants = plan.accountants
 
     root = jax.random.key(cfg.run.seed)
@@ -1001,14 +773,7 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
                     row["skipped"] = int(m["skipped"])
                 if not accountants and sim.round.systems.active:
                     row["num_uploads"] = int(m["num_uploads"])
-                for label, acct in accountants.items():
-                    acct.compose(plan.round_privacy(rnd - 1)[label], 1)
-                    row[f"epsilon_{label}"] = acct.epsilon()
-                    row[f"neighboring_relation_{label}"] = acct.neighboring_relation
-                if accountants:
-                    row["delta"] = cfg.privacy.delta
-                    row["neighboring_relation"] = relation_of(accountants)
-                row.update(plan.row_at(rnd - 1))
+                row.update(plan.compose(rnd - 1))  # epsilon and relation (DP runs)
                 history.append(row)
             pending.clear()
             if not history:
@@ -1093,6 +858,8 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
     if not accountants:
         final["cohort_overflow"] = overflow_total
     final.update(plan.summary)
+    if accountants:  # what the epsilon covers, release by release (first round's values)
+        final["releases"] = plan.describe_releases()
     if any("skipped" in h for h in history):
         final["skipped_rounds"] = sum(h.get("skipped", 0) for h in history)
         if final["skipped_rounds"]:
@@ -1170,9 +937,7 @@ def _check_restored(restored, accountants, plan, train_key) -> None:
             f"the checkpoint accounts {sorted(restored.accountants)}, this run "
             f"{sorted(accountants)}; {fix}"
         )
-    for r in range(restored.round):
-        for label, acct in accountants.items():
-            acct.compose(plan.round_privacy(r)[label], 1)
+    plan.replay(restored.round)
     for label, acct in accountants.items():
         saved_eps = restored.history[-1][f"epsilon_{label}"] if restored.history else 0.0
         same = json.loads(json.dumps(acct.state_dict())) == restored.accountants[label]

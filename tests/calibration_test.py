@@ -19,7 +19,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 
-from fedjax_dp import accounting, experiment
+from fedjax_dp import accounting, experiment, privacy
 from tests import _testing
 
 DELTA = 1e-5
@@ -504,7 +504,9 @@ class ExperimentTest(parameterized.TestCase):
         model = experiment.make_model(cfg, train.feature_shape, train.num_classes)
         sim = experiment.build_simulation(experiment.algorithm_config(cfg), model, train)
         lines = []
-        plan = experiment._privacy_plan(cfg, sim, sim.make_hparams(), lines.append)
+        plan = privacy.build_plan(
+            cfg.privacy, sim, sim.make_hparams(), cfg.run.rounds, lines.append
+        )
         sigma = plan.summary["calibrated_noise_multiplier"]
         self.assertIn(f"calibrated {unit}-level noise multiplier {sigma:.4f}", lines[0])
         self.assertEqual(list(plan.accountants), [unit])

@@ -196,11 +196,9 @@ class ScaffoldTest(parameterized.TestCase):
         # A config that noises only the deltas would under-report: both stages exist.
         names = {s.noise_multiplier for s in sim.round.upload_stages["control"][1]}
         self.assertEqual(names, {"control_noise_multiplier"})
-        releases = sim.central_gaussian_releases(
-            {k: float(v) for k, v in sim.make_hparams().items()}
-        )
+        releases = sim.releases({k: float(v) for k, v in sim.make_hparams().items()})
         self.assertCountEqual(
-            releases,
+            [(r.upload, r.noise_hparam, r.noise_multiplier) for r in releases],
             [("delta", "noise_multiplier", 1.0), ("control", "control_noise_multiplier", 2.0)],
         )
 

@@ -481,33 +481,49 @@ class Simulation:
         check_hparams(hp)
         return {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
 
-    def central_gaussian_releases(self, hparams: dict[str, Any]) -> list[tuple[str, str, float]]:
-        """``(upload name, noise hparam, noise multiplier)`` of each central Gaussian release
-        of one round under ``hparams`` (SCAFFOLD with DP: the delta and the control variate);
-        :meth:`round_privacy` accounts them together as one mechanism."""
-        return [
-            (name, stage.noise_multiplier, float(hparams[stage.noise_multiplier]))
+    def releases(self, hparams: dict[str, Any]) -> tuple:
+        """The :class:`fedjax_dp.privacy.Release` of every DP noise stage of one round under
+        ``hparams``: each upload's noise stage (SCAFFOLD with DP: the delta and the control
+        variate) and, with DP-SGD inside the clients, the example-level steps. Empty for
+        non-private runs. Each stage declares its release through its
+        :class:`~fedjax_dp.DPTransform` fields (unit, mechanism, noise hparam)."""
+        from fedjax_dp.privacy import plan  # host side only
+
+        out = [
+            plan.Release(
+                upload=name,
+                unit=stage.unit,
+                mechanism=stage.mechanism,
+                noise_hparam=stage.noise_multiplier,
+                noise_multiplier=float(hparams[stage.noise_multiplier]),
+            )
             for name, (cs, ss) in (self.round.upload_stages or {}).items()
             for stage in base.dp_stages((*cs, *ss))
-            if stage.noise_multiplier and stage.mechanism == "gaussian"
+            if stage.noise_multiplier
         ]
+        if self.client.example_dp:
+            out.append(
+                plan.Release(
+                    upload="delta",
+                    unit="example",
+                    mechanism="gaussian",
+                    noise_hparam="example_noise_multiplier",
+                    noise_multiplier=float(hparams["example_noise_multiplier"]),
+                    compositions=int(self.client.local_epochs),
+                )
+            )
+        return tuple(out)
 
     def round_privacy(self, hparams: dict[str, Any]):
         """The :class:`fedjax_dp.accounting.RoundPrivacy` of one round under ``hparams``.
 
-        Built from the DP stages of every upload and the sampler that build the round,
-        reading the noise multipliers from the same hparams the round reads. Empty list for
-        non-private runs; at most one entry per unit of protection.
-
-        Several central Gaussian releases in one round (SCAFFOLD's delta and control
-        variate, each clipped and noised on its own) are over the same cohort, so the round
-        is ONE sampled Gaussian mechanism on their concatenation: with L2 sensitivities
-        ``C_j`` and noise stds ``sigma_j C_j``, the pair's privacy loss is that of a
-        Gaussian with multiplier ``(sum_j sigma_j^-2)^-1/2`` (whitening each block by its
-        std, the sensitivity in noise units is ``sqrt(sum_j sigma_j^-2)``). Accounting them
-        as separately sampled mechanisms would not be valid, and not composing them would
-        under-report. With adaptive clipping the noise multiplier is the round's total
-        ``z``.
+        Built by :func:`fedjax_dp.privacy.round_privacy` from the round's :meth:`releases` and
+        the sampler that builds the round, reading the noise multipliers from the same
+        hparams the round reads. Empty list for non-private runs; one entry per unit of
+        protection: several central Gaussian releases over one cohort (SCAFFOLD's delta and
+        control variate) are ONE sampled Gaussian mechanism with noise multiplier
+        ``(sum_j sigma_j^-2)^-1/2`` (see :mod:`fedjax_dp.privacy.plan`). With adaptive
+        clipping the noise multiplier is the round's total ``z``.
 
         A Poisson sampler's static cohort size is its cap ``K`` (``max_cohort_size``: a
         uniformly random ``K`` of the selected clients are kept), accounted exactly. With
@@ -517,71 +533,19 @@ class Simulation:
         (:attr:`fedjax_dp.accounting.RoundPrivacy.upload_probability`); example-level rounds
         and fixed-size sampling do not credit it (a valid, looser bound).
         """
-        from fedjax_dp import accounting  # host side only
+        from fedjax_dp.privacy import plan  # host side only
 
         s = self.sampler
-        poisson = s.sampling == "poisson"
-        upload_p = self.round.systems.upload_probability
-        common = dict(
-            sampling=s.sampling,
-            num_clients=s.num_clients,
-            sampling_rate=s.sampling_rate if poisson else None,
-            cohort_size=None if poisson else s.cohort_size,
-            max_cohort_size=s.cohort_size if poisson else None,
+        return plan.round_privacy(
+            self.releases(hparams),
+            plan.Sampling(
+                sampling=s.sampling,
+                num_clients=s.num_clients,
+                sampling_rate=s.sampling_rate if s.sampling == "poisson" else None,
+                cohort_size=s.cohort_size,
+                upload_probability=self.round.systems.upload_probability,
+            ),
         )
-        thinning = dict(upload_probability=upload_p) if poisson else {}
-        out = []
-        central: list[float] = []
-        mechanisms = set()
-        for cs, ss in (self.round.upload_stages or {}).values():
-            for stage in base.dp_stages((*cs, *ss)):
-                if not stage.noise_multiplier:
-                    continue
-                sigma = float(hparams[stage.noise_multiplier])
-                mechanisms.add(stage.mechanism)
-                if stage.mechanism == "gaussian":
-                    central.append(sigma)
-                else:
-                    out.append(
-                        accounting.RoundPrivacy(
-                            noise_multiplier=sigma,
-                            unit=stage.unit,
-                            compositions=1,
-                            mechanism=stage.mechanism,
-                            **common,
-                            **(thinning if stage.mechanism != "local_gaussian" else {}),
-                        )
-                    )
-        if len(mechanisms) > 1 or len(out) > 1:
-            raise ValueError(
-                f"a round with several user-level mechanisms {sorted(mechanisms)} cannot be "
-                "accounted as one; use one mechanism"
-            )
-        if central:
-            if any(x == 0 for x in central):
-                combined = 0.0
-            else:
-                combined = math.fsum(x**-2 for x in central) ** -0.5
-            out.append(
-                accounting.RoundPrivacy(
-                    noise_multiplier=combined,
-                    unit="user",
-                    compositions=1,
-                    mechanism="gaussian",
-                    **common,
-                    **thinning,
-                )
-            )
-        if self.client.example_dp:
-            out.append(
-                accounting.RoundPrivacy(
-                    noise_multiplier=float(hparams["example_noise_multiplier"]),
-                    unit="example",
-                    compositions=int(self.client.local_epochs),
-                    **common,
-                )
-            )
-        return out
 
 
 def _user_dp_stages(config: AlgorithmConfig, sampler) -> tuple[list, list]:

@@ -899,7 +899,7 @@ def composition(releases: Sequence[tuple[float, Sequence[tuple[Any, int]]]], cfg
       ``epsilon_private_runs`` (the runs with a positive noise multiplier), plus ``delta``,
       ``accountant``, ``conversion``, ``fault``.
     """
-    from fedjax_dp import experiment
+    from fedjax_dp import privacy
 
     p = cfg.privacy
     every = [pair for _, rounds in releases for pair in rounds]
@@ -911,12 +911,12 @@ def composition(releases: Sequence[tuple[float, Sequence[tuple[Any, int]]]], cfg
         "conversion": p.conversion,
         "fault": cfg.audit.fault,
         "runs": len(releases),
-        "epsilon_all_runs": experiment.composed_epsilon(every, p),
+        "epsilon_all_runs": privacy.composed_epsilon(every, p),
     }
     n_private = sum(sigma > 0 for sigma, _ in releases)
     if n_private < len(releases):
         out["private_runs"] = n_private
-        out["epsilon_private_runs"] = experiment.composed_epsilon(private, p) if private else None
+        out["epsilon_private_runs"] = privacy.composed_epsilon(private, p) if private else None
     return out
 
 

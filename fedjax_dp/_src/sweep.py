@@ -41,7 +41,7 @@ used because the noise std ``0 * inf`` is NaN. It keeps everything else of the D
 the gap to the baseline is the cost of clipping and noise alone. Its epsilon is infinite.
 
 **Privacy.** Epsilon is accounted on the host with the run's own accountant
-(:func:`fedjax_dp.experiment._privacy_plan`, so noise schedules, ``privacy.target_epsilon``
+(:func:`fedjax_dp.privacy.build_plan`, so noise schedules, ``privacy.target_epsilon``
 without ``sweep.noise_multipliers`` and the noise-cohort trick behave as in ``fedjax-dp
 run``), once per distinct noise multiplier: clip norms, learning rates and seeds do not
 change it. Each row's epsilon is that of ONE point. All points train on the same data, so
@@ -84,7 +84,7 @@ from fedjax_dp._src.evaluation import evaluate, evaluate_batch
 #: that ``0 * C`` (the noise std) and ``C ** 2`` (per-layer sensitivities) stay finite.
 BASELINE_CLIP_NORM = 1e15
 
-# The clip-norm hparam of each unit's DP mechanism (noise: experiment._NOISE_HPARAM).
+# The clip-norm hparam of each unit's DP mechanism (noise: fedjax_dp.privacy.NOISE_HPARAM).
 _CLIP_HPARAM = {"user": "clip_norm", "example": "example_clip_norm"}
 
 
@@ -333,7 +333,7 @@ class Sweep:
 
     def _privacy_plans(self) -> dict[int, Any]:
         """Setting index -> the run's privacy plan; one plan per distinct noise multiplier."""
-        from fedjax_dp import experiment
+        from fedjax_dp import privacy
 
         plans: dict[int, Any] = {}
         by_noise: dict[float, Any] = {}
@@ -345,10 +345,11 @@ class Sweep:
             hp = self._hparams[i]
             noise = hp.get(self._noise_key) if self._noise_key else None
             if noise not in by_noise:
-                by_noise[noise] = experiment._privacy_plan(
-                    self.cfg,
+                by_noise[noise] = privacy.build_plan(
+                    self.cfg.privacy,
                     self.sim,
                     _device_hparams(hp),
+                    self.cfg.run.rounds,
                     (lambda *_: None) if quiet else self._log,
                 )
             plans[i] = by_noise[noise]
@@ -401,10 +402,7 @@ class Sweep:
                 out.append({self.unit: math.inf} if self.unit else {})
                 continue
             if id(plan) not in done:
-                for r in range(self.cfg.run.rounds):
-                    for label, acct in plan.accountants.items():
-                        acct.compose(plan.round_privacy(r)[label], 1)
-                done[id(plan)] = {label: a.epsilon() for label, a in plan.accountants.items()}
+                done[id(plan)] = plan.epsilons(self.cfg.run.rounds)
             out.append(done[id(plan)])
         self._epsilons = out
         return out
@@ -421,32 +419,29 @@ class Sweep:
         the baseline points out (the epsilon of releasing the DP points only). ``{}``
         without DP.
         """
-        from fedjax_dp import experiment
+        from fedjax_dp import privacy
 
         if self.unit is None:
             return {}
-        labels = next(iter(self._plans.values())).accountants  # every setting's plan has them
+        labels = next(iter(self._plans.values())).labels  # every setting's plan has them
         schedules: dict[str, list] = {label: [] for label in labels}
-        for i, st in enumerate(self.settings):
+        for i, _ in enumerate(self.settings):
             plan = self._plans.get(i)
             if plan is None:  # the non-private baseline
                 if baseline:
                     return {label: math.inf for label in labels}
                 continue
-            for r in range(self.cfg.run.rounds):
-                for label, rp in plan.round_privacy(r).items():
-                    schedules[label].append((rp, len(self.seeds)))
+            for label, schedule in plan.schedule(self.cfg.run.rounds, len(self.seeds)).items():
+                schedules[label].extend(schedule)
         return {
-            label: experiment.composed_epsilon(schedule, self.cfg.privacy)
+            label: privacy.composed_epsilon(schedule, self.cfg.privacy)
             for label, schedule in schedules.items()
         }
 
     def neighboring_relation(self) -> str | None:
         """The neighbouring relation of the sweep's epsilons (``None`` without DP)."""
-        from fedjax_dp import experiment
-
         plan = next(iter(self._plans.values()), None)
-        return None if plan is None else experiment.relation_of(plan.round_privacy(0))
+        return None if plan is None else plan.relation
 
     # ----------------------------------------------------------------------------- training
 
