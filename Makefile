@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test test-multidevice lint clean
+.PHONY: demo test test-multidevice test-slow lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: $(DEV_STAMP)
 # Own process: the flag must be set before JAX initialises.
 test-multidevice: $(DEV_STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q tests/multidevice
+
+# The benchmark smoke runs marked slow (minutes each), left out of `make test`.
+test-slow: $(DEV_STAMP)
+	$(PY) -m pytest -q -n 2 -m slow tests --ignore=tests/multidevice
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check fedjax_dp tests benchmarks experiments

@@ -7,7 +7,7 @@ client update), so the generator's rate bounds the client update rate. This time
 
 ``--tails`` compares, at model-sized draws (100k and 1.6M floats), float32
 ``jax.random.normal`` / ``jax.random.laplace`` (bounded at 5.4 sigma / 16.6 scales) with the
-samplers that draw fedjax_dp's DP noise (``fedjax_dp._src.noise``: support to 9.49 sigma /
+samplers that draw fedjax_dp's DP noise (``fedjax_dp.mechanisms.noise``: support to 9.49 sigma /
 44.4 scales), for the same three key implementations.
 
 Usage::
@@ -43,7 +43,7 @@ DEFAULT_TAILS_OUT = Path("benchmarks") / "results" / "prng_tails.json"
 def _sampler_fns() -> dict:
     import jax
 
-    from fedjax_dp._src import noise  # not public API: the samplers behind the DP stages
+    from fedjax_dp.mechanisms import noise  # not public API: the samplers behind the DP stages
 
     return {
         "jax.random.normal": lambda k, n: jax.random.normal(k, (n,)),

@@ -598,12 +598,12 @@ def engine_client_rows(sim, data, key) -> list:
     """The example rows, in order, that each client of the engine's round ``key`` trains on.
 
     Same key derivation as the engine (and :func:`make_loop_round`); the order within a client
-    comes from the client update's own schedule (``fedjax_dp._src.client._schedule``).
+    comes from the client update's own schedule (``fedjax_dp.core.client._schedule``).
     """
     import jax
     import numpy as np
 
-    from fedjax_dp._src.client import _schedule
+    from fedjax_dp.core.client import _schedule
 
     ids, _, _ = sim.sampler.sample(jax.random.fold_in(key, KEY_SAMPLE))
     clients_key = jax.random.fold_in(key, KEY_CLIENTS)
@@ -830,7 +830,7 @@ def diagnose(model_name: str, reps: int) -> dict:
         loss_fn, max_count=EXAMPLES_PER_CLIENT, batch_size=BATCH_SIZE, local_epochs=LOCAL_EPOCHS
     )
 
-    from fedjax_dp._src import clipping
+    from fedjax_dp.mechanisms import clipping
 
     valid = jnp.ones((BATCH_SIZE,), bool)
 

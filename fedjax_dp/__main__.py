@@ -1,3 +1,3 @@
-from fedjax_dp.cli import main
+from fedjax_dp.runner.cli import main
 
 raise SystemExit(main())

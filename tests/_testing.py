@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import fedjax_dp
-from fedjax_dp._src import base
-from fedjax_dp._src import client as client_lib
+from fedjax_dp.core import base
+from fedjax_dp.core import client as client_lib
 
 
 def cli_output(argv: list[str], stream: str = "stderr") -> tuple[int, str]:

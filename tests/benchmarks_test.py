@@ -98,6 +98,7 @@ class ScalingTest(absltest.TestCase):
         # 10 s fixed + 3 rounds (rounds=2 plus the warm-up) of 2 s x 256 / 64.
         self.assertAlmostEqual(scaling.predicted_s(prev, 256, rounds=2), 10.0 + 3 * 8.0)
 
+    @pytest.mark.slow  # a benchmark smoke run of minutes: `make test-slow`
     def test_quick_run_writes_table_json_and_plot(self):
         out_dir = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, out_dir, ignore_errors=True)
@@ -122,6 +123,7 @@ class ScalingTest(absltest.TestCase):
 
 
 class SweepBenchmarkTest(absltest.TestCase):
+    @pytest.mark.slow  # a benchmark smoke run of minutes: `make test-slow`
     def test_quick_run_times_both_modes_and_they_agree(self):
         out = os.path.join(_tmpdir(self), "sweep.json")
         proc = _run_module(["benchmarks.sweep", "--quick", "--cli", "--out", out])

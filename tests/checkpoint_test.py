@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from fedjax_dp import accounting, experiment
-from fedjax_dp._src import checkpointing
-from fedjax_dp._src.algorithms import build_simulation
+from fedjax_dp.core.algorithms import build_simulation
+from fedjax_dp.runner import checkpointing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

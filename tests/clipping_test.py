@@ -7,7 +7,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import fedjax_dp
-from fedjax_dp._src import clipping
+from fedjax_dp.mechanisms import clipping
 from tests import _testing
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from fedjax_dp._src import data
+from fedjax_dp import data
 
 METHODS = ("iid", "dirichlet", "shards", "quantity_skew")
 

@@ -17,7 +17,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from fedjax_dp import accounting, cli, experiment
-from fedjax_dp._src import sampling
+from fedjax_dp.core import sampling
 from tests import _testing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

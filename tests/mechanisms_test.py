@@ -16,8 +16,9 @@ from scipy import stats
 
 import fedjax_dp
 from fedjax_dp import accounting, experiment
-from fedjax_dp._src import aggregation, algorithms, base, sampling
-from fedjax_dp._src import noise as noise_lib
+from fedjax_dp.core import algorithms, base, sampling
+from fedjax_dp.mechanisms import aggregation
+from fedjax_dp.mechanisms import noise as noise_lib
 from tests import _testing
 
 _BASE = dict(

@@ -19,7 +19,8 @@ from jax.extend import random as jex_random
 from scipy import stats
 
 import fedjax_dp
-from fedjax_dp._src import base, noise
+from fedjax_dp.core import base
+from fedjax_dp.mechanisms import noise
 
 _IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 _LN2 = math.log(2.0)

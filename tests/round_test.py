@@ -9,7 +9,7 @@ from absl.testing import absltest, parameterized
 from scipy import stats
 
 import fedjax_dp
-from fedjax_dp._src import round as round_lib
+from fedjax_dp.core import round as round_lib
 from tests import _testing
 
 
@@ -111,7 +111,7 @@ class ClientUpdateTest(parameterized.TestCase):
     ):
         # Example-level accounting assumes each example is in exactly `epochs` noised sums,
         # at most once in each (sensitivity C); a batch spanning two epochs would break it.
-        from fedjax_dp._src import client as client_lib
+        from fedjax_dp.core import client as client_lib
 
         num_steps = epochs * client_lib.steps_per_epoch(max_count, batch_size)
         for seed in range(5):

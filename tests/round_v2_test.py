@@ -14,7 +14,7 @@ from absl.testing import absltest, parameterized
 from scipy import stats
 
 import fedjax_dp
-from fedjax_dp._src import checkpointing
+from fedjax_dp.runner import checkpointing
 from tests import _testing
 
 _MAX_COUNT = 9

@@ -10,7 +10,7 @@ from absl.testing import absltest
 import fedjax_dp
 from fedjax_dp import population as pop_lib
 from fedjax_dp import sampling
-from fedjax_dp._src import checkpointing
+from fedjax_dp.runner import checkpointing
 from tests import _testing
 
 

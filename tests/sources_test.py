@@ -23,7 +23,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from fedjax_dp import experiment
-from fedjax_dp._src import sources
+from fedjax_dp.data import sources
 
 tfds = sources._import_tfds()
 

@@ -36,7 +36,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_dp import accounting
+from fedjax_dp.privacy import accounting
 
 #: What a DP run writes next to epsilon (logged at start-up; see docs/privacy.md).
 RELEASED_IN_DP_RUNS = (
@@ -327,7 +327,7 @@ def build_plan(privacy, sim, hparams: Mapping[str, Any], rounds: int, log=print)
       rounds: the run's number of rounds.
       log: where the plan's decisions are printed before training.
     """
-    from fedjax_dp._src.algorithms import check_hparams
+    from fedjax_dp.core.algorithms import check_hparams
 
     p = privacy
     host = {k: float(v) for k, v in hparams.items()}

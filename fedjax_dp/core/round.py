@@ -38,11 +38,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_dp._src import aggregators, base
-from fedjax_dp._src import systems as systems_lib
-from fedjax_dp._src.client import ClientUpdate
-from fedjax_dp._src.contexts import ClientContext, ClientResult, Cohort, RoundContext
-from fedjax_dp._src.sampling import CohortSampler
+from fedjax_dp.core import aggregators, base
+from fedjax_dp.core import systems as systems_lib
+from fedjax_dp.core.client import ClientUpdate
+from fedjax_dp.core.contexts import ClientContext, ClientResult, Cohort, RoundContext
+from fedjax_dp.core.sampling import CohortSampler
 
 __all__ = ["ClientContext", "ClientResult", "Cohort", "Round", "RoundContext", "ServerState"]
 

@@ -30,7 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fedjax_dp._src import base, models
+from fedjax_dp import models
+from fedjax_dp.core import base
 
 METHODS = ("auto", "ghost", "per_example")
 

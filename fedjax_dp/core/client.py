@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_dp._src import base, clipping
-from fedjax_dp._src.contexts import ClientContext, ClientResult
+from fedjax_dp.core import base
+from fedjax_dp.core.contexts import ClientContext, ClientResult
+from fedjax_dp.mechanisms import clipping
 
 LossFn = Callable[[base.Params, jax.Array, jax.Array], jax.Array]
 """``(params, x[B, *feature], y[B]) -> per-example losses f32[B]``."""
@@ -151,7 +152,7 @@ def build_client_update(
       example_dp: run DP-SGD inside the client.
       clipping_method: how DP-SGD computes the clipped gradient sum: ``"auto"`` (ghost
         clipping when the model qualifies, else per-example gradients), ``"ghost"`` or
-        ``"per_example"`` (the reference); see :mod:`fedjax_dp._src.clipping`. Same result.
+        ``"per_example"`` (the reference); see :mod:`fedjax_dp.mechanisms.clipping`. Same result.
       unroll: ``unroll`` of the ``lax.scan`` over local steps. Default: fully unrolled up to
         16 steps (XLA optimises straight-line steps better, notably convolutions on CPU),
         a rolled loop beyond.

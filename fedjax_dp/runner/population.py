@@ -34,8 +34,8 @@ from typing import Any, NamedTuple, final
 import jax
 import numpy as np
 
-from fedjax_dp._src.data import ClientTable, FederatedData
-from fedjax_dp._src.round import Cohort, Round
+from fedjax_dp.core.round import Cohort, Round
+from fedjax_dp.data import ClientTable, FederatedData
 
 __all__ = [
     "Cohort",

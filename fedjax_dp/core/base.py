@@ -199,11 +199,11 @@ def tree_where(cond: jax.Array, a: PyTree, b: PyTree) -> PyTree:
 def gaussian_like(key: jax.Array, tree: PyTree, stddev: jax.Array) -> PyTree:
     """Independent N(0, stddev^2) noise with the structure of ``tree``; one key per leaf.
 
-    Drawn in float32 by :func:`fedjax_dp._src.noise.gaussian` (support to 9.49 sigma; float32
+    Drawn in float32 by :func:`fedjax_dp.mechanisms.noise.gaussian` (support to 9.49 sigma; float32
     ``jax.random.normal`` stops near 5.4 sigma, which breaks the claimed ``delta``), scaled,
     then cast to each leaf's dtype.
     """
-    from fedjax_dp._src import noise as noise_lib
+    from fedjax_dp.mechanisms import noise as noise_lib
 
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(key, len(leaves))

@@ -66,9 +66,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_dp._src import base
-from fedjax_dp._src.client import ClientUpdate
-from fedjax_dp._src.data import FederatedData
+from fedjax_dp.core import base
+from fedjax_dp.core.client import ClientUpdate
+from fedjax_dp.data import FederatedData
 
 #: Fractions of ``m`` used for ``k`` in :func:`guess_grid`.
 GUESS_FRACTIONS: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.5)
@@ -562,7 +562,7 @@ class CanaryAuditor:
         Returns:
           An :class:`AuditResult`.
         """
-        from fedjax_dp import accounting  # host side only
+        from fedjax_dp.privacy import accounting  # host side only
 
         if int(rounds) != rounds or rounds < 1:
             raise ValueError(f"rounds={rounds!r} must be a positive integer")
@@ -673,7 +673,7 @@ def build_canary_auditor(
     Returns:
       A :class:`CanaryAuditor`.
     """
-    from fedjax_dp._src.algorithms import build_simulation, resolve
+    from fedjax_dp.core.algorithms import build_simulation, resolve
 
     config = resolve(config)
     if not config.user_dp or config.example_dp:
@@ -772,8 +772,8 @@ def run_audit(cfg, *, write: bool = True, log=print) -> list[dict[str, Any]]:
     import json
     import pathlib
 
-    from fedjax_dp import experiment
-    from fedjax_dp._src.evaluation import evaluate
+    from fedjax_dp.core.evaluation import evaluate
+    from fedjax_dp.runner import experiment
 
     experiment._check(cfg)
     a, p = cfg.audit, cfg.privacy

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fedjax_dp._src.base import Params
+from fedjax_dp.core.base import Params
 
 
 class Model(NamedTuple):

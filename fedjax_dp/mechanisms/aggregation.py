@@ -28,8 +28,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjax_dp._src import base
-from fedjax_dp._src import noise as noise_lib
+from fedjax_dp.core import base
+from fedjax_dp.mechanisms import noise as noise_lib
 
 _NORMS = ("l2", "l1")
 

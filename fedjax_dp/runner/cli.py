@@ -22,7 +22,7 @@ _SENTINEL = object()
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from fedjax_dp import experiment
+    from fedjax_dp.runner import experiment
 
     parser = argparse.ArgumentParser(
         prog="fedjax-dp", description="Simulate federated learning with differential privacy."
@@ -86,17 +86,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     overrides = {k: v for k, v in vars(args).items() if "." in k}
-    from fedjax_dp import experiment
+    from fedjax_dp.runner import experiment
 
     cfg = None
     try:
         cfg = experiment.load_config(args.config, overrides)
         if args.command == "audit":
-            from fedjax_dp._src import audit
+            from fedjax_dp.privacy import audit
 
             audit.run_audit(cfg)
         elif args.command == "sweep":
-            from fedjax_dp._src import sweep
+            from fedjax_dp.runner import sweep
 
             sweep.run_sweep(cfg)
         else:

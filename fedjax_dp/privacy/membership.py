@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_dp._src.data import FederatedData
-from fedjax_dp._src.models import Model, cross_entropy
+from fedjax_dp.data import FederatedData
+from fedjax_dp.models import Model, cross_entropy
 
 #: False-positive rates at which :func:`loss_threshold_attack` reports the TPR.
 FPRS: tuple[float, ...] = (0.01, 0.001)

@@ -76,9 +76,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_dp._src import memory
-from fedjax_dp._src.algorithms import build_simulation, hparams_of
-from fedjax_dp._src.evaluation import evaluate, evaluate_batch
+from fedjax_dp.core import memory
+from fedjax_dp.core.algorithms import build_simulation, hparams_of
+from fedjax_dp.core.evaluation import evaluate, evaluate_batch
 
 #: Clip norm of the non-private baseline: large enough that clipping never acts, small enough
 #: that ``0 * C`` (the noise std) and ``C ** 2`` (per-layer sensitivities) stay finite.
@@ -225,7 +225,7 @@ class Sweep:
         log: Callable[[str], Any] = print,
         seeds_in_sequence: bool | None = None,
     ):
-        from fedjax_dp import experiment
+        from fedjax_dp.runner import experiment
 
         experiment._check(cfg)
         check(cfg)
@@ -577,7 +577,7 @@ class Sweep:
         cfg = self.cfg
         vectorize = cfg.sweep.vectorize if vectorize is None else vectorize
         progress = cfg.run.progress if progress is None else progress
-        from fedjax_dp import experiment
+        from fedjax_dp.runner import experiment
 
         rounds = cfg.run.rounds
         data = self.train_data.to_device()
@@ -1094,7 +1094,7 @@ def run_sweep(cfg, *, write: bool = True, log: Callable[[str], Any] = print) -> 
       ValueError: an option that cannot be swept or is inconsistent; the message names it
         and the fix.
     """
-    from fedjax_dp import experiment
+    from fedjax_dp.runner import experiment
 
     sweep = Sweep(cfg, log=log)
     train, sim, p = sweep.train_data, sweep.sim, cfg.privacy

@@ -26,15 +26,15 @@ import jax
 import numpy as np
 import tomllib
 
-from fedjax_dp import accounting
+from fedjax_dp import data as data_lib
+from fedjax_dp import models as models_lib
 from fedjax_dp import privacy as privacy_lib
-from fedjax_dp._src import attacks as attacks_lib
-from fedjax_dp._src import checkpointing
-from fedjax_dp._src import data as data_lib
-from fedjax_dp._src import models as models_lib
-from fedjax_dp._src import sources as sources_lib
-from fedjax_dp._src.algorithms import AlgorithmConfig, build_simulation
-from fedjax_dp._src.evaluation import evaluate
+from fedjax_dp.core.algorithms import AlgorithmConfig, build_simulation
+from fedjax_dp.core.evaluation import evaluate
+from fedjax_dp.data import sources as sources_lib
+from fedjax_dp.privacy import accounting
+from fedjax_dp.privacy import membership as attacks_lib
+from fedjax_dp.runner import checkpointing
 
 
 def _field(default, help: str, **kw):

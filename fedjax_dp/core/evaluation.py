@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_dp._src.models import Model, cross_entropy
+from fedjax_dp.models import Model, cross_entropy
 
 
 def _evaluate_impl(params, x, y, mask, *, apply_fn, batch_size):

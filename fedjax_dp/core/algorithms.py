@@ -11,12 +11,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_dp._src import aggregation, aggregators, base, memory, sampling
-from fedjax_dp._src import clipping as clipping_lib
-from fedjax_dp._src import systems as systems_lib
-from fedjax_dp._src.client import ClientUpdate, build_client_update
-from fedjax_dp._src.models import Model, cross_entropy
-from fedjax_dp._src.round import Round, ServerState, build_round
+from fedjax_dp.core import aggregators, base, memory, sampling
+from fedjax_dp.core import systems as systems_lib
+from fedjax_dp.core.client import ClientUpdate, build_client_update
+from fedjax_dp.core.round import Round, ServerState, build_round
+from fedjax_dp.mechanisms import aggregation
+from fedjax_dp.mechanisms import clipping as clipping_lib
+from fedjax_dp.models import Model, cross_entropy
 
 ALGORITHMS = (
     "fedavg",
@@ -144,7 +145,7 @@ def resolve(config: AlgorithmConfig) -> AlgorithmConfig:
     or ``"partial"`` (default for ``fedprox``); ``dropout_rate`` of the uploads are lost
     after training; a round with fewer than ``min_clients`` uploads is skipped.
 
-    ``dp_fedavg`` options (see :mod:`fedjax_dp._src.aggregation` for each mechanism's
+    ``dp_fedavg`` options (see :mod:`fedjax_dp.mechanisms.aggregation` for each mechanism's
     sensitivity, neighbouring relation and accounting):
 
     - ``mechanism``: ``"gaussian"`` (default; central noise on the sum), ``"laplace"``
@@ -584,7 +585,7 @@ def _control_dp_stages(config: AlgorithmConfig) -> dict[str, tuple[list, list]]:
 
 
 def _auto_chunk(config, model, data, loss_fn, batch_size, mesh, sampler) -> int:
-    """Chunk size from the memory budget (see :mod:`fedjax_dp._src.memory`).
+    """Chunk size from the memory budget (see :mod:`fedjax_dp.core.memory`).
 
     With Poisson sampling it is also at most half the expected cohort (per device): the
     round stops after the chunk holding the last real client, so smaller chunks skip most

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from fedjax_dp._src.data import FederatedData, _check_int, _is_real, _labels_as_int, from_arrays
+from fedjax_dp.data import FederatedData, _check_int, _is_real, _labels_as_int, from_arrays
 
 # The datasets documented and tested; any TFDS image-classification dataset with an
 # ``image``/``label`` pair (its supervised keys) loads the same way.

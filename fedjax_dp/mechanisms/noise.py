@@ -236,7 +236,7 @@ def gaussian(key: jax.Array, shape: tuple[int, ...] = (), dtype=jnp.float32) -> 
 
     Examples:
       >>> import jax
-      >>> from fedjax_dp._src import noise
+      >>> from fedjax_dp.mechanisms import noise
       >>> noise.gaussian(jax.random.key(0), (2, 3)).shape
       (2, 3)
     """
@@ -275,7 +275,7 @@ def laplace(key: jax.Array, shape: tuple[int, ...] = (), dtype=jnp.float32) -> j
 
     Examples:
       >>> import jax
-      >>> from fedjax_dp._src import noise
+      >>> from fedjax_dp.mechanisms import noise
       >>> noise.laplace(jax.random.key(0), (4,)).dtype
       dtype('float32')
     """
