@@ -51,6 +51,7 @@ class FlopCountTest(absltest.TestCase):
 
 
 class QuickRunTest(absltest.TestCase):
+    @pytest.mark.slow  # a benchmark smoke run of minutes: `make test-slow`
     def test_quick_run_writes_rows_and_engine_equals_loop(self):
         out_dir = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, out_dir, ignore_errors=True)

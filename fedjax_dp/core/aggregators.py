@@ -140,14 +140,19 @@ def coordinate_median() -> Aggregator:
 
     Buffers every slot's upload ``[C, *P]`` (on a mesh each device its own slots, then an
     ``all_gather``), then takes, per coordinate, the median over the clients that uploaded
-    (``jnp.nanmedian`` with NaN in the other rows). A round with no upload gives 0.
+    (``jnp.nanmedian`` with NaN in the other rows, and in the rows of skipped chunks). A
+    round with no upload gives 0.
 
     Privacy: none (the median of clipped uploads has no bounded sensitivity the accountant
     models); the round refuses it next to central DP noise.
     """
 
     def init(template, num_slots):
-        return jax.tree.map(lambda s: jnp.zeros((num_slots, *s.shape), jnp.float32), template)
+        # NaN rows: a slot whose chunk is skipped (after the last real client, or on a
+        # device that holds only padding) is never written and must not count as a zero.
+        return jax.tree.map(
+            lambda s: jnp.full((num_slots, *s.shape), jnp.nan, jnp.float32), template
+        )
 
     def accumulate(acc, uploads, uploaded, client_metrics, offset):
         del client_metrics

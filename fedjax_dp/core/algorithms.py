@@ -584,8 +584,9 @@ def _control_dp_stages(config: AlgorithmConfig) -> dict[str, tuple[list, list]]:
     }
 
 
-def _auto_chunk(config, model, data, loss_fn, batch_size, mesh, sampler) -> int:
-    """Chunk size from the memory budget (see :mod:`fedjax_dp.core.memory`).
+def _auto_chunk(config, model, data, loss_fn, batch_size, mesh, sampler, aggregator) -> int:
+    """Chunk size from the memory budget (see :mod:`fedjax_dp.core.memory`), less what
+    ``aggregator`` holds for the whole round (a gathering aggregator's ``[C, *P]`` buffer).
 
     With Poisson sampling it is also at most half the expected cohort (per device): the
     round stops after the chunk holding the last real client, so smaller chunks skip most
@@ -610,10 +611,18 @@ def _auto_chunk(config, model, data, loss_fn, batch_size, mesh, sampler) -> int:
         per_example_grads=per_example,
         budget_bytes=budget,
         num_devices=num_devices,
+        fixed_bytes=memory.aggregator_bytes(
+            aggregator, params, sampler.cohort_size, num_uploads=_num_uploads(config)
+        ),
     )
     if sampler.sampling == "poisson":
         chunk = min(chunk, max(1, math.ceil(sampler.expected_cohort_size / num_devices / 2)))
     return chunk
+
+
+def _num_uploads(config: AlgorithmConfig) -> int:
+    """How many model-sized uploads each client sends (SCAFFOLD: delta and control)."""
+    return 2 if config.name == "scaffold" else 1
 
 
 def build_simulation(
@@ -625,6 +634,7 @@ def build_simulation(
     wrap_client: Callable[[ClientUpdate], ClientUpdate] | None = None,
     client_stages: Sequence[base.RoundTransform] = (),
     server_stages: Sequence[base.RoundTransform] = (),
+    aggregator: aggregators.Aggregator | None = None,
 ) -> Simulation:
     """Builds the jitted round of ``config`` for ``model`` on the federated ``data``.
 
@@ -643,6 +653,10 @@ def build_simulation(
         guarantee and its accounting do not depend on what these stages do.
       server_stages: your own stages on the aggregated sum ``[*leaf]``. They run AFTER the
         config's server stages (the noise): post-processing, which cannot weaken DP.
+      aggregator: a :class:`fedjax_dp.aggregators.Aggregator` in place of the config's
+        weighted sum (e.g. :func:`fedjax_dp.aggregators.coordinate_median`); the automatic
+        chunk size leaves room for a gathering aggregator's ``[C, *P]`` buffer. With DP
+        noise it must be ``dp_compatible`` (the round refuses it otherwise).
     """
     config = resolve(config)
     if tuple(data.feature_shape) != tuple(model.input_shape):
@@ -679,9 +693,16 @@ def build_simulation(
     )
     if wrap_client is not None:
         client = wrap_client(client)
+    if aggregator is None:
+        aggregator = aggregators.weighted_sum(
+            config.weighting, "expected" if config.user_dp else "realised"
+        )
     if config.chunk_size is None:
         config = dataclasses.replace(
-            config, chunk_size=_auto_chunk(config, model, data, loss_fn, batch_size, mesh, sampler)
+            config,
+            chunk_size=_auto_chunk(
+                config, model, data, loss_fn, batch_size, mesh, sampler, aggregator
+            ),
         )
     if config.adaptive_clipping and config.clipped_count_stddev is None:
         config = dataclasses.replace(
@@ -708,9 +729,7 @@ def build_simulation(
         client_stages=client_stages,
         server_stages=server_stages,
         upload_stages=_control_dp_stages(config),
-        aggregator=aggregators.weighted_sum(
-            config.weighting, "expected" if config.user_dp else "realised"
-        ),
+        aggregator=aggregator,
         systems=config.systems,
         server_optimizer=_optimizer(config.server_optimizer, "server_optimizer"),
         chunk_size=config.chunk_size,

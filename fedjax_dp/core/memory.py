@@ -55,6 +55,20 @@ def per_client_bytes(loss_fn, params, x_batch, y_batch, *, per_example_grads: bo
     return max(total, 1)
 
 
+def aggregator_bytes(aggregator, params, cohort_size: int, num_uploads: int = 1) -> int:
+    """Bytes an aggregator holds for the whole round, outside the per-client footprint.
+
+    A gathering aggregator (``aggregator.buffer_slots``, e.g. the coordinate median) keeps
+    one float32 row per cohort slot and upload, ``[C, *P]``; on a mesh ``finalize``
+    all-gathers it, so every device holds all ``C`` rows. A running-sum aggregator holds one
+    copy of the upload, already counted in the per-client footprint: ``0``.
+    """
+    if not getattr(aggregator, "buffer_slots", False):
+        return 0
+    size = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    return 4 * size * int(cohort_size) * int(num_uploads)
+
+
 def auto_chunk_size(
     cohort_size: int,
     loss_fn,
@@ -65,14 +79,20 @@ def auto_chunk_size(
     per_example_grads: bool = False,
     budget_bytes: int | None = None,
     num_devices: int = 1,
+    fixed_bytes: int = 0,
 ) -> int:
     """The largest chunk whose estimated footprint fits ``budget_bytes`` (at least 1).
 
-    Never more than the clients each device processes (``ceil(cohort / num_devices)``).
+    ``fixed_bytes`` is memory held for the whole round whatever the chunk (a gathering
+    aggregator's buffer, :func:`aggregator_bytes`): the chunks get what is left of the
+    budget (a chunk of 1 if nothing is). Never more than the clients each device processes
+    (``ceil(cohort / num_devices)``).
     """
     budget = default_budget() if budget_bytes is None else int(budget_bytes)
     if budget <= 0:
         raise ValueError(f"memory budget_bytes={budget_bytes!r} must be positive")
+    if fixed_bytes < 0:
+        raise ValueError(f"fixed_bytes={fixed_bytes!r} must be >= 0")
     need = per_client_bytes(loss_fn, params, x_batch, y_batch, per_example_grads=per_example_grads)
     per_device = math.ceil(cohort_size / max(num_devices, 1))
-    return int(max(1, min(per_device, budget // need)))
+    return int(max(1, min(per_device, max(budget - int(fixed_bytes), 0) // need)))
