@@ -227,3 +227,27 @@ def poisson_run_privacy(sigma, num_clients, q, **kwargs):
         max_cohort_size=sampling.poisson(num_clients, q).cohort_size,
         **kwargs,
     )
+
+
+def checkpoint_round_trip(sim: fedjax_dp.Simulation, state, round_index: int = 1):
+    """Saves ``state`` as the checkpoint of round ``round_index`` in a temporary folder and
+    restores it into a freshly initialised state of ``sim``: the restored ``ServerState``."""
+    import tempfile
+
+    from fedjax_dp.runner import checkpointing
+
+    with tempfile.TemporaryDirectory() as d:
+        ck = checkpointing.Checkpointer(d)
+        try:
+            ck.save(
+                round_index,
+                state,
+                history=[{"round": r + 1} for r in range(round_index)],
+                accountants={},
+                train_key=jax.random.key(9),
+                config={},
+                elapsed_s=0.0,
+            )
+            return ck.restore(sim.init(jax.random.key(5)), round_index).state
+        finally:
+            ck.close()

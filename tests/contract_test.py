@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +27,6 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import fedjax_dp
-from fedjax_dp.runner import checkpointing
 from tests import _testing
 
 _BASE = dict(cohort_size=6, batch_size=3, local_epochs=1, client_lr=0.3, chunk_size=6)
@@ -219,19 +217,7 @@ class ContractTest(parameterized.TestCase):
     def test_checkpoint_round_trip_continues_bit_for_bit(self, name):
         sim = build(name, self.data)
         state = rounds(sim, self.data, keys=(1,))
-        with tempfile.TemporaryDirectory() as tmp:
-            ck = checkpointing.Checkpointer(tmp)
-            ck.save(
-                1,
-                state,
-                history=[{"round": 1}],
-                accountants={},
-                train_key=jax.random.key(9),
-                config={},
-                elapsed_s=0.0,
-            )
-            restored = ck.restore(sim.init(jax.random.key(5)), 1).state
-            ck.close()
+        restored = _testing.checkpoint_round_trip(sim, state)
         saved = jax.device_get(_state_trees(state))
         _exact(jax.device_get(_state_trees(restored)), saved)
         self.assertEqual(int(restored.round), int(state.round))

@@ -5,7 +5,6 @@ its own from the documented scheme; DP preconditions are checked to fail loudly.
 """
 
 import math
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,6 @@ from absl.testing import absltest, parameterized
 from scipy import stats
 
 import fedjax_dp
-from fedjax_dp.runner import checkpointing
 from tests import _testing
 
 _MAX_COUNT = 9
@@ -164,23 +162,9 @@ class ScaffoldTest(parameterized.TestCase):
         sim = _sim(data, name="scaffold")
         state = sim.init(jax.random.key(0))
         state, _ = sim.round_fn(state, data.to_device(), sim.make_hparams(), jax.random.key(1))
-        with tempfile.TemporaryDirectory() as tmp:
-            ck = checkpointing.Checkpointer(tmp)
-            ck.save(
-                1,
-                state,
-                history=[{"round": 1}],
-                accountants={},
-                train_key=jax.random.key(2),
-                config={},
-                elapsed_s=0.0,
-            )
-            restored = ck.restore(sim.init(jax.random.key(5)), 1)
-            ck.close()
-        jax.tree.map(
-            np.testing.assert_array_equal, restored.state.client_states, state.client_states
-        )
-        jax.tree.map(np.testing.assert_array_equal, restored.state.server_aux, state.server_aux)
+        restored = _testing.checkpoint_round_trip(sim, state)
+        jax.tree.map(np.testing.assert_array_equal, restored.client_states, state.client_states)
+        jax.tree.map(np.testing.assert_array_equal, restored.server_aux, state.server_aux)
 
     def test_user_level_dp_accounts_both_releases_as_one_gaussian(self):
         data = _testing.small_data()

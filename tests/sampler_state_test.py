@@ -1,7 +1,5 @@
 """The sampler contract: round index and sampler state; the stateful 'shuffle' sampler."""
 
-import tempfile
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +8,6 @@ from absl.testing import absltest
 import fedjax_dp
 from fedjax_dp import population as pop_lib
 from fedjax_dp import sampling
-from fedjax_dp.runner import checkpointing
 from tests import _testing
 
 
@@ -108,20 +105,8 @@ class StatefulRoundTest(absltest.TestCase):
         state = sim.init(jax.random.key(0))
         state, _ = sim.round_fn(state, data.to_device(), sim.make_hparams(), jax.random.key(4))
         self.assertFalse(np.array_equal(state.sampler_state, np.arange(12)))
-        with tempfile.TemporaryDirectory() as d:
-            ck = checkpointing.Checkpointer(d)
-            ck.save(
-                1,
-                state,
-                history=[{"round": 1}],
-                accountants={},
-                train_key=jax.random.key(1),
-                config={},
-                elapsed_s=0.0,
-            )
-            restored = ck.restore(sim.init(jax.random.key(0)), 1)
-            ck.close()
-        np.testing.assert_array_equal(restored.state.sampler_state, state.sampler_state)
+        restored = _testing.checkpoint_round_trip(sim, state)
+        np.testing.assert_array_equal(restored.sampler_state, state.sampler_state)
 
 
 class ShuffleFromTheCliTest(absltest.TestCase):
