@@ -252,10 +252,6 @@ class PrivacyPlan:
         return tuple(self.round_privacy(0))
 
     @property
-    def private(self) -> bool:
-        return bool(self.labels)
-
-    @property
     def relation(self) -> str | None:
         """The neighbouring relation of the plan's epsilons (``None`` without DP)."""
         rps = self.round_privacy(0)

@@ -619,13 +619,6 @@ def _check(cfg: ExperimentConfig) -> None:
         )
 
 
-# The privacy plan lives in fedjax_dp.privacy; these names stay importable from here.
-_NOISE_HPARAM = privacy_lib.NOISE_HPARAM
-RELEASED_IN_DP_RUNS = privacy_lib.RELEASED_IN_DP_RUNS
-relation_of = privacy_lib.relation_of
-composed_epsilon = privacy_lib.composed_epsilon
-
-
 def warn_delta(delta: float, num_clients: int) -> None:
     """Warns when delta is not below 1/population (it would allow leaking a whole client)."""
     if delta >= 1.0 / num_clients:
@@ -699,7 +692,7 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
             f"cohort, (sum sigma^-2)^-1/2 of {parts}"
         )
     if privacy:
-        log(f"  {RELEASED_IN_DP_RUNS}")
+        log(f"  {privacy_lib.RELEASED_IN_DP_RUNS}")
     # Calibration, noise schedule, noise-cohort trick: decided (and printed) before training.
     plan = privacy_lib.build_plan(cfg.privacy, sim, hparams, cfg.run.rounds, log)
     accountants = plan.accountants
@@ -872,7 +865,7 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
         final.update(attack_metrics(model, state.params, train, held_out))
         attack = f"  attack AUC {final['attack_auc']:.3f}"
     if accountants:
-        final["released"] = RELEASED_IN_DP_RUNS.removeprefix("released: ") + (
+        final["released"] = privacy_lib.RELEASED_IN_DP_RUNS.removeprefix("released: ") + (
             "; the attack_* entries (privacy.attack) are computed from the training clients' "
             "data and are NOT covered by epsilon"
             if held_out is not None

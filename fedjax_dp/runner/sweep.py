@@ -76,6 +76,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_dp import privacy as privacy_lib
 from fedjax_dp.core import memory
 from fedjax_dp.core.algorithms import build_simulation, hparams_of
 from fedjax_dp.core.evaluation import evaluate, evaluate_batch
@@ -250,7 +251,7 @@ class Sweep:
         if len(units) > 1:
             raise ValueError(f"the sweep needs at most one DP mechanism; this run has {units}")
         self.unit = units[0] if units else None
-        noise_key = experiment._NOISE_HPARAM.get(self.unit)
+        noise_key = privacy_lib.NOISE_HPARAM.get(self.unit)
         clip_key = _CLIP_HPARAM.get(self.unit)
         if self.unit is not None and noise_key not in hp:
             raise ValueError(f"this run's {self.unit}-level mechanism cannot be swept")
@@ -333,8 +334,6 @@ class Sweep:
 
     def _privacy_plans(self) -> dict[int, Any]:
         """Setting index -> the run's privacy plan; one plan per distinct noise multiplier."""
-        from fedjax_dp import privacy
-
         plans: dict[int, Any] = {}
         by_noise: dict[float, Any] = {}
         # The run's messages (calibration, schedule) only when there is one plan to describe.
@@ -345,7 +344,7 @@ class Sweep:
             hp = self._hparams[i]
             noise = hp.get(self._noise_key) if self._noise_key else None
             if noise not in by_noise:
-                by_noise[noise] = privacy.build_plan(
+                by_noise[noise] = privacy_lib.build_plan(
                     self.cfg.privacy,
                     self.sim,
                     _device_hparams(hp),
@@ -419,8 +418,6 @@ class Sweep:
         the baseline points out (the epsilon of releasing the DP points only). ``{}``
         without DP.
         """
-        from fedjax_dp import privacy
-
         if self.unit is None:
             return {}
         labels = next(iter(self._plans.values())).labels  # every setting's plan has them
@@ -434,7 +431,7 @@ class Sweep:
             for label, schedule in plan.schedule(self.cfg.run.rounds, len(self.seeds)).items():
                 schedules[label].extend(schedule)
         return {
-            label: privacy.composed_epsilon(schedule, self.cfg.privacy)
+            label: privacy_lib.composed_epsilon(schedule, self.cfg.privacy)
             for label, schedule in schedules.items()
         }
 
