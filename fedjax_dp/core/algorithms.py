@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_dp.core import aggregators, base, memory, sampling
+from fedjax_dp.core import hparams as hparams_lib
 from fedjax_dp.core import systems as systems_lib
 from fedjax_dp.core.client import ClientUpdate, build_client_update
 from fedjax_dp.core.round import Round, ServerState, build_round
@@ -418,24 +419,16 @@ def hparams_of(config: AlgorithmConfig) -> dict[str, float]:
     return {k: float(v) for k, v in out.items()}
 
 
-def check_hparams(hparams: dict[str, Any]) -> None:
-    """Raises ValueError naming the first invalid numeric hyper-parameter."""
-    for name, value in hparams.items():
-        v = float(value)
-        if math.isnan(v):
-            raise ValueError(f"{name}=nan is not a number; give a finite value >= 0")
-        if name.endswith("noise_multiplier"):
-            if v < 0 or math.isinf(v):
-                raise ValueError(f"{name}={v} must be finite and >= 0 (0 means no noise)")
-        elif name.endswith("clip_norm") or name.startswith("clip_norm["):
-            if not v > 0 or math.isinf(v):
-                raise ValueError(f"{name}={v} must be finite and > 0")
-        elif name.endswith("_lr") and (v < 0 or math.isinf(v)):
-            raise ValueError(f"{name}={v} must be finite and >= 0")
-        elif name == "target_quantile" and not 0.0 <= v <= 1.0:
-            raise ValueError(f"{name}={v} must be in [0, 1] (0.5: the median update norm)")
-        elif name in ("clipped_count_stddev", "mu") and (v < 0 or math.isinf(v)):
-            raise ValueError(f"{name}={v} must be finite and >= 0")
+def check_hparams(
+    hparams: dict[str, Any], specs: Sequence[hparams_lib.HParam] | None = None
+) -> None:
+    """Raises ValueError naming the first invalid numeric hyper-parameter.
+
+    Each value is checked against its declaration (``specs``, e.g. ``sim.hparams``; else
+    the library's, :data:`fedjax_dp.core.hparams.LIBRARY`), then the constraints that tie
+    several together (adaptive clipping's noise split).
+    """
+    hparams_lib.check(hparams, specs)
     if "clipped_count_stddev" in hparams and "noise_multiplier" in hparams:
         aggregation.value_noise_multiplier(
             float(hparams["noise_multiplier"]), float(hparams["clipped_count_stddev"])
@@ -472,15 +465,32 @@ class Simulation:
     def round_fn(self):
         return self.round.round_fn
 
+    @property
+    def hparams(self) -> tuple[hparams_lib.HParam, ...]:
+        """The declarations of every traced hyper-parameter of the round (``Round.hparams``)."""
+        return self.round.hparams
+
     def make_hparams(self, **overrides: float) -> dict[str, jax.Array]:
-        """The config's numeric hyper-parameters as float32 arrays, with overrides."""
-        hp = hparams_of(self.config)
-        unknown = set(overrides) - set(hp)
-        if unknown:
-            raise ValueError(f"unknown hparams {sorted(unknown)}; this run uses {sorted(hp)}")
-        hp.update(overrides)
-        check_hparams(hp)
+        """Every declared hyper-parameter as a float32 array: ``overrides``, else the
+        config's value, else the declared default; checked against the declarations.
+
+        Raises:
+          ValueError: an undeclared name (the message lists the declared ones) or a value
+            outside its domain.
+        """
+        configured = hparams_of(self.config)
+        declared = {h.name for h in self.hparams if not h.from_state}
+        stray = sorted(set(configured) - declared)
+        if stray:  # a config option that no stage reads: a bug in the recipe
+            raise ValueError(f"the config sets {stray}, which no stage of this round reads")
+        hp = hparams_lib.resolve(self.hparams, configured, overrides)
+        check_hparams(hp, self.hparams)
         return {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
+
+    def hparams_table(self, **overrides: float) -> str:
+        """The round's hyper-parameters as a text table (name, value, domain, help)."""
+        values = {k: float(v) for k, v in self.make_hparams(**overrides).items()}
+        return hparams_lib.table(self.hparams, values)
 
     def releases(self, hparams: dict[str, Any]) -> tuple:
         """The :class:`fedjax_dp.privacy.Release` of every DP noise stage of one round under

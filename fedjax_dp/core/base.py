@@ -47,12 +47,16 @@ class RoundTransform(NamedTuple):
         caller must not pass them); the round reports their values in its metrics. This
         is how a value the round itself adapts (e.g. an adaptive clip norm) reaches the
         client stages of the same round.
+      hparams: the :class:`fedjax_dp.core.hparams.HParam` declarations of the traced
+        hyper-parameters the stage reads (name, default, domain); the round collects them
+        into ``Round.hparams`` (declare those its ``state_hparams`` sets ``from_state``).
     """
 
     init: Callable[[Params], PyTree]
     update: Callable[..., tuple[PyTree, PyTree]]
     client_stats: Mapping[str, Callable[..., jax.Array]] | None = None
     state_hparams: Callable[[PyTree], Mapping[str, jax.Array]] | None = None
+    hparams: tuple = ()
 
 
 class DPTransform(NamedTuple):
@@ -76,7 +80,9 @@ class DPTransform(NamedTuple):
         (central Gaussian noise on the sum), ``"laplace"`` (central Laplace noise on the
         sum, L1 sensitivity) or ``"local_gaussian"`` (a client stage: every client noises
         its own update; see :func:`fedjax_dp.add_local_gaussian_noise`).
-      client_stats, state_hparams: as in :class:`RoundTransform`.
+      client_stats, state_hparams, hparams: as in :class:`RoundTransform`; the
+        sensitivity and noise-multiplier names are declared implicitly (clip norms ``> 0``,
+        noise multiplier ``>= 0``) unless ``hparams`` declares them.
     """
 
     init: Callable[[Params], PyTree]
@@ -88,6 +94,7 @@ class DPTransform(NamedTuple):
     mechanism: str = "gaussian"
     client_stats: Mapping[str, Callable[..., jax.Array]] | None = None
     state_hparams: Callable[[PyTree], Mapping[str, jax.Array]] | None = None
+    hparams: tuple = ()
 
 
 def identity() -> RoundTransform:

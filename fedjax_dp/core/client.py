@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_dp.core import base
+from fedjax_dp.core import hparams as hparams_lib
 from fedjax_dp.core.contexts import ClientContext, ClientResult
 from fedjax_dp.mechanisms import clipping
 
@@ -48,6 +49,8 @@ class ClientUpdate(NamedTuple):
       server_update: ``(aux, means, normalizer, round_ctx, hparams) -> aux``: the server
         half, after aggregation; ``means`` maps each upload to its aggregate divided by
         ``normalizer``.
+      hparams: the :class:`fedjax_dp.core.hparams.HParam` declarations of what ``update``
+        and ``server_update`` read from ``hparams`` (collected into ``Round.hparams``).
     """
 
     update: Callable[..., ClientResult]
@@ -59,6 +62,7 @@ class ClientUpdate(NamedTuple):
     init_local: Callable[[base.Params], base.PyTree] | None = None
     server_init: Callable[[base.Params], base.PyTree] | None = None
     server_update: Callable[..., base.PyTree] | None = None
+    hparams: tuple = ()
 
     def simple(self, params, data, client_id, key, hparams, *, local=(), server=()):
         """One client with a full step budget: ``(upload["delta"], metrics)``.
@@ -314,7 +318,20 @@ def build_client_update(
             server_init=zeros,
             server_update=server_update,
         )
-    return ClientUpdate(update, num_steps, batch_size, local_epochs, bool(example_dp), **extra)
+    declared = [hparams_lib.CLIENT_LR]
+    if example_dp:
+        declared += [hparams_lib.EXAMPLE_CLIP_NORM, hparams_lib.EXAMPLE_NOISE_MULTIPLIER]
+    if proximal:
+        declared.append(hparams_lib.MU)
+    return ClientUpdate(
+        update,
+        num_steps,
+        batch_size,
+        local_epochs,
+        bool(example_dp),
+        hparams=tuple(declared),
+        **extra,
+    )
 
 
 def steps_per_epoch(max_count: int, batch_size: int) -> int:

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_dp.core import aggregators, base
+from fedjax_dp.core import hparams as hparams_lib
 from fedjax_dp.core import systems as systems_lib
 from fedjax_dp.core.client import ClientUpdate
 from fedjax_dp.core.contexts import ClientContext, ClientResult, Cohort, RoundContext
@@ -103,6 +104,9 @@ class Round(NamedTuple):
         ``"delta"`` included.
       aggregator: the :class:`fedjax_dp.aggregators.Aggregator`.
       systems: the :class:`fedjax_dp.systems.Systems` model.
+      hparams: the :class:`fedjax_dp.core.hparams.HParam` declarations of every traced
+        hyper-parameter the round reads: the client update's, ``server_lr``, and every
+        stage's (those a stage's state sets are marked ``from_state``).
     """
 
     init: Callable[[base.Params], ServerState]
@@ -114,6 +118,7 @@ class Round(NamedTuple):
     aggregator: aggregators.Aggregator | None = None
     systems: systems_lib.Systems = systems_lib.Systems()
     sample_step: Callable[..., tuple[Cohort, Any]] | None = None
+    hparams: tuple = ()
 
 
 def build_round(
@@ -227,6 +232,13 @@ def build_round(
     if aggregator.passes not in (1, 2):
         raise ValueError(f"aggregator {aggregator.name}: passes={aggregator.passes} must be 1 or 2")
     stat_names = base.stats_names([s for cs, _ in stages_of.values() for s in cs])
+    declared = hparams_lib.collect(
+        [
+            client,
+            hparams_lib.SERVER_LR,
+            *(s for cs, ss in stages_of.values() for s in (*cs, *ss)),
+        ]
+    )
     cohort_size = sampler.cohort_size
     population = sampler.num_clients
     if chunk_size is None:
@@ -565,6 +577,7 @@ def build_round(
         aggregator=aggregator,
         systems=systems,
         sample_step=sample_step_fn,
+        hparams=declared,
     )
 
 

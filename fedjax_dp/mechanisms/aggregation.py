@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_dp.core import base
+from fedjax_dp.core import hparams as hparams_lib
 from fedjax_dp.mechanisms import noise as noise_lib
 
 _NORMS = ("l2", "l1")
@@ -481,6 +482,13 @@ def adaptive_clipping(
         norm="l2",
         mechanism="gaussian",
         state_hparams=lambda state: {clip_norm: state.clip_norm},
+        hparams=(
+            hparams_lib.CLIP_NORM.set_from_state(clip_norm),
+            hparams_lib.NOISE_MULTIPLIER.renamed(noise_multiplier),
+            hparams_lib.TARGET_QUANTILE.renamed(target_quantile),
+            hparams_lib.CLIP_LR.renamed(clip_lr),
+            hparams_lib.CLIPPED_COUNT_STDDEV.renamed(clipped_count_stddev),
+        ),
     )
     return client_stage, server_stage
 

@@ -67,6 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_dp.core import base
+from fedjax_dp.core import hparams as hparams_lib
 from fedjax_dp.core.client import ClientUpdate
 from fedjax_dp.data import FederatedData
 
@@ -355,7 +356,13 @@ def add_canaries(
         metrics = {k: jnp.where(is_canary, jnp.zeros_like(v), v) for k, v in metrics.items()}
         return result._replace(upload={**result.upload, "delta": delta}, metrics=metrics)
 
-    return client._replace(update=update)
+    norm = hparams_lib.HParam(
+        "canary_norm",
+        0.0,
+        hparams_lib.NONNEGATIVE,
+        "norm of an included canary's delta (0: absent)",
+    )
+    return client._replace(update=update, hparams=(*client.hparams, norm))
 
 
 def with_canary_clients(data: FederatedData, num_canaries: int) -> FederatedData:

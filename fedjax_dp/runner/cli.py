@@ -5,8 +5,10 @@
   epsilon next to the audited lower bound (:func:`fedjax_dp.audit.run_audit`); options of
   the ``[audit]`` section (``--audit.canaries``, ``--audit.noise_multipliers``...) set it up.
 - ``fedjax-dp sweep CONFIG``: a privacy-utility grid (noise multipliers x seeds, optionally
-  clip norms and learning rates) run as one vectorised simulation
-  (:func:`fedjax_dp.sweep.run_sweep`); options of the ``[sweep]`` section set the grid.
+  clip norms, learning rates and any declared hparam, ``sweep.grid``) run as one vectorised
+  simulation (:func:`fedjax_dp.sweep.run_sweep`); options of the ``[sweep]`` section set it.
+- ``fedjax-dp hparams CONFIG``: the round's traced hyper-parameters (name, value, domain,
+  help), as its stages declare them (:mod:`fedjax_dp.core.hparams`).
 
 Every option of the config file can be given on the command line, where it overrides the
 file; ``fedjax-dp run --help`` lists them all with their defaults.
@@ -54,8 +56,17 @@ def _build_parser() -> argparse.ArgumentParser:
             "a table. Any option below overrides the file."
         ),
     )
+    hparams = sub.add_parser(
+        "hparams",
+        help="list the round's traced hyper-parameters (what sweep.grid can sweep)",
+        description=(
+            "Build the config's round (no training) and print every hyper-parameter its "
+            "stages declare: name, the value the run uses, domain and help. They are traced: "
+            "changing one never recompiles, and sweep.grid can sweep any of them."
+        ),
+    )
     defaults = experiment.ExperimentConfig()
-    for command in (run, audit, sweep):
+    for command in (run, audit, sweep, hparams):
         command.add_argument(
             "config", nargs="?", help="experiment file (.toml, .yaml); omit for defaults"
         )
@@ -99,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             from fedjax_dp.runner import sweep
 
             sweep.run_sweep(cfg)
+        elif args.command == "hparams":
+            experiment.describe_hparams(cfg)
         else:
             experiment.run(cfg)
     except (ValueError, FileNotFoundError) as e:

@@ -283,6 +283,11 @@ class SweepConfig:
         "another, to bound memory (0: all points in one group)",
     )
     output: str = _field("", "fedjax-dp sweep: output folder (empty: run.output_dir/sweep)")
+    grid: str = _field(
+        "",
+        "fedjax-dp sweep: more axes over any hyper-parameter the run declares (`fedjax-dp "
+        "hparams CONFIG` lists them), 'name=v1,v2; name2=v1,v2', e.g. 'mu=0,0.01,1'",
+    )
 
 
 @dataclasses.dataclass
@@ -553,6 +558,25 @@ def algorithm_config(cfg: ExperimentConfig) -> AlgorithmConfig:
         chunk_size=a.chunk_size or None,
         memory_budget_mb=a.memory_budget_mb or None,
     )
+
+
+def describe_hparams(cfg: ExperimentConfig, *, log=print) -> str:
+    """``fedjax-dp hparams``: the traced hyper-parameters of the config's round.
+
+    Builds the run's simulation (no training) and logs the table of every hyper-parameter
+    its stages declare (name, the value the run uses, domain, help): the names that
+    ``sweep.grid`` accepts and ``Simulation.make_hparams`` overrides, none of which
+    recompiles the round.
+    """
+    _check(cfg)
+    train, _ = load_data(cfg)
+    train, _ = attack_split(cfg, train)
+    model = make_model(cfg, train.feature_shape, train.num_classes)
+    sim = build_simulation(algorithm_config(cfg), model, train)
+    table = sim.hparams_table()
+    log(f"{sim.config.name}: the round's traced hyper-parameters (sweep.grid takes any of them)")
+    log(table)
+    return table
 
 
 # ----------------------------------------------------------------------------- the run

@@ -101,6 +101,8 @@ class Setting:
         e.g. adaptive or per-layer clipping, or a non-private algorithm).
       client_lr, server_lr: the learning rates.
       baseline: the non-private baseline (noise 0, clip norm :data:`BASELINE_CLIP_NORM`).
+      grid: the values of the ``sweep.grid`` axes, ``((name, value), ...)`` in the order of
+        the option.
     """
 
     noise_multiplier: float | None
@@ -108,6 +110,7 @@ class Setting:
     client_lr: float
     server_lr: float
     baseline: bool = False
+    grid: tuple[tuple[str, float], ...] = ()
 
 
 @dataclasses.dataclass
@@ -144,6 +147,38 @@ def _sweep_lists(cfg) -> dict[str, list]:
     }
 
 
+def parse_grid(text: str) -> list[tuple[str, list[float]]]:
+    """``sweep.grid`` (``"name=v1,v2; name2=v1,v2"``) as ``[(name, [values]), ...]``.
+
+    Raises:
+      ValueError: a malformed axis, a repeated name or value, or a value that is not a
+        finite number (the message names the option and the fix).
+    """
+    axes: list[tuple[str, list[float]]] = []
+    for part in (p.strip() for p in str(text or "").split(";")):
+        if not part:
+            continue
+        name, eq, values = part.partition("=")
+        name = name.strip()
+        example = "e.g. sweep.grid = 'mu=0,0.01,1; target_quantile=0.3,0.5'"
+        if not eq or not name or not values.strip():
+            raise ValueError(f"sweep.grid: {part!r} is not 'name=v1,v2,...' ({example})")
+        try:
+            vals = [float(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"sweep.grid: {part!r}: the values must be numbers ({example})")
+        bad = [v for v in vals if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"sweep.grid: {part!r}: {bad} is not a finite number")
+        dupes = sorted({v for v in vals if vals.count(v) > 1})
+        if dupes:
+            raise ValueError(f"sweep.grid: {part!r} repeats {dupes}; list each value once")
+        if name in (n for n, _ in axes):
+            raise ValueError(f"sweep.grid: {name!r} is named twice; give one axis per hparam")
+        axes.append((name, vals))
+    return axes
+
+
 def check(cfg) -> None:
     """Raises ValueError naming the option and the fix for a sweep that cannot run.
 
@@ -152,11 +187,11 @@ def check(cfg) -> None:
     """
     s, p = cfg.sweep, cfg.privacy
     lists = _sweep_lists(cfg)
-    if not any(lists.values()):
+    if not any(lists.values()) and not parse_grid(s.grid):
         raise ValueError(
             "the sweep grid is empty: list what to sweep, e.g. sweep.noise_multipliers = "
             "[0.5, 1, 2] and sweep.seeds = [0, 1, 2] (also sweep.clip_norms, "
-            "sweep.client_lrs, sweep.server_lrs)"
+            "sweep.client_lrs, sweep.server_lrs, and sweep.grid for any other hparam)"
         )
     for name, values in lists.items():
         dupes = sorted({v for v in values if values.count(v) > 1})
@@ -293,20 +328,21 @@ class Sweep:
         clips = [float(v) for v in lists["clip_norms"]] or [hp[clip_key] if clip_key else None]
         client_lrs = [float(v) for v in lists["client_lrs"]] or [hp["client_lr"]]
         server_lrs = [float(v) for v in lists["server_lrs"]] or [hp["server_lr"]]
+        self.grid_names, grids = self._grid_axes(cfg, noise_key, clip_key)
         settings = [
-            Setting(n, c, cl, sl)
-            for n, c, cl, sl in itertools.product(noises, clips, client_lrs, server_lrs)
+            Setting(n, c, cl, sl, grid=g)
+            for n, c, cl, sl, g in itertools.product(noises, clips, client_lrs, server_lrs, grids)
         ]
         if baseline:
             settings += [
-                Setting(0.0, None, cl, sl, baseline=True)
-                for cl, sl in itertools.product(client_lrs, server_lrs)
+                Setting(0.0, None, cl, sl, baseline=True, grid=g)
+                for cl, sl, g in itertools.product(client_lrs, server_lrs, grids)
             ]
         self.settings = settings
         # Host float32 hparams of each setting (as the round sees them), checked.
         self._hparams: list[dict[str, float]] = []
         for st in settings:
-            overrides = {"client_lr": st.client_lr, "server_lr": st.server_lr}
+            overrides = {"client_lr": st.client_lr, "server_lr": st.server_lr, **dict(st.grid)}
             if st.baseline:
                 overrides[noise_key] = 0.0
                 for name in hp:
@@ -329,6 +365,52 @@ class Sweep:
         self._names = sorted(hp)
         self._plans = self._privacy_plans()
         self._table = self._hparams_table()
+
+    def _grid_axes(self, cfg, noise_key, clip_key):
+        """``sweep.grid``'s names and the product of its axes, checked against the
+        hyper-parameters this run's round declares (``sim.hparams``)."""
+        axes = parse_grid(cfg.sweep.grid)
+        declared = {h.name: h for h in self.sim.hparams}
+        dedicated = {
+            noise_key: "sweep.noise_multipliers",
+            clip_key: "sweep.clip_norms",
+            "client_lr": "sweep.client_lrs",
+            "server_lr": "sweep.server_lrs",
+        }
+        noise_names = {r.noise_hparam for r in self.sim.releases(self.sim.make_hparams())}
+        for name, values in axes:
+            h = declared.get(name)
+            if name in dedicated:
+                raise ValueError(f"sweep.grid: sweep {name} with {dedicated[name]}")
+            if h is None or h.from_state:
+                why = "is set from round state" if h is not None else "is not an hparam of"
+                sweepable = sorted(
+                    n for n, d in declared.items() if not d.from_state and n not in dedicated
+                )
+                others = (
+                    f"the others it declares are {sweepable}"
+                    if sweepable
+                    else "it declares no other (learning rates, clip norm and noise have "
+                    "their own sweep options)"
+                )
+                raise ValueError(
+                    f"sweep.grid: {name!r} {why} this run; {others} (`fedjax-dp hparams "
+                    "CONFIG` lists them)"
+                )
+            if name in noise_names:
+                raise ValueError(
+                    f"sweep.grid: {name!r} sets the noise of a DP release, so each value has "
+                    "its own epsilon; sweep it in separate sweeps (or with "
+                    "sweep.noise_multipliers when it is the mechanism's noise multiplier)"
+                )
+            for v in values:
+                try:
+                    h.check(v)
+                except ValueError as e:
+                    raise ValueError(f"sweep.grid: {e}") from None
+        names = [n for n, _ in axes]
+        grids = [tuple(zip(names, combo)) for combo in itertools.product(*(v for _, v in axes))]
+        return names, grids
 
     # ------------------------------------------------------------------ privacy and hparams
 
@@ -727,15 +809,16 @@ def _device_hparams(hp: dict[str, float]) -> dict[str, jax.Array]:
 
 
 def _describe(st: Setting) -> str:
+    grid = "".join(f", {n}={v:g}" for n, v in st.grid)
     if st.baseline:
-        return f"baseline (client_lr={st.client_lr:g}, server_lr={st.server_lr:g})"
+        return f"baseline (client_lr={st.client_lr:g}, server_lr={st.server_lr:g}{grid})"
     parts = []
     if st.noise_multiplier is not None:
         parts.append(f"noise_multiplier={st.noise_multiplier:g}")
     if st.clip_norm is not None:
         parts.append(f"clip_norm={st.clip_norm:g}")
     parts += [f"client_lr={st.client_lr:g}", f"server_lr={st.server_lr:g}"]
-    return ", ".join(parts)
+    return ", ".join(parts) + grid
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -773,6 +856,7 @@ def summarize(
             "clip_norm": BASELINE_CLIP_NORM if st.baseline else st.clip_norm,
             "client_lr": st.client_lr,
             "server_lr": st.server_lr,
+            **dict(st.grid),
             "epsilon": eps.get(unit) if unit else None,
         }
         for label, value in eps.items():
@@ -811,11 +895,13 @@ def format_table(
     *,
     delta: float | None,
     privacy: dict[str, Any] | None = None,
+    grid: Sequence[str] = (),
 ) -> str:
     """A Markdown table of :func:`summarize` rows; with ``privacy`` (:func:`composition`) a
-    footer gives the epsilon of releasing all points together."""
+    footer gives the epsilon of releasing all points together; ``grid``: the names of the
+    ``sweep.grid`` axes (a column each)."""
     dp = any(r["unit"] for r in rows)
-    head = ["setting", "noise multiplier", "clip norm", "client lr", "server lr"]
+    head = ["setting", "noise multiplier", "clip norm", "client lr", "server lr", *grid]
     if dp:
         head.append(f"epsilon (delta={delta:g})")
     head += ["accuracy mean ± std", "test loss", "seeds"]
@@ -827,6 +913,7 @@ def format_table(
             "none" if r["baseline"] else _fmt(r["clip_norm"]),
             _fmt(r["client_lr"]),
             _fmt(r["server_lr"]),
+            *(_fmt(r[name]) for name in grid),
         ]
         if dp:
             cells.append(_fmt(r["epsilon"], ".3f"))
@@ -918,6 +1005,7 @@ def plot(
     *,
     title: str,
     epsilon_label: str,
+    grid: Sequence[str] = (),
 ) -> None:
     """Final test accuracy against epsilon (log scale), mean ± std over seeds.
 
@@ -925,6 +1013,7 @@ def plot(
     dashed horizontal line with its ± std band; points with epsilon = inf (noise multiplier
     0 with clipping) cannot sit on a log axis and are drawn at the right edge, marked
     "ε = ∞". Without DP (no finite epsilon) the settings are plotted side by side instead.
+    ``grid``: the names of the ``sweep.grid`` axes (each combination is a line too).
     """
     import matplotlib
 
@@ -939,7 +1028,7 @@ def plot(
     finite = [r for r in curves if r["epsilon"] is not None and math.isfinite(r["epsilon"])]
     ylabel = f"final test accuracy\n(mean ± std over {n_seeds} seed{'s' * (n_seeds > 1)})"
     if not finite:
-        labels = [_describe_row(r) for r in rows]
+        labels = [_describe_row(r, grid) for r in rows]
         ax.errorbar(
             range(len(rows)),
             [r["accuracy_mean"] for r in rows],
@@ -957,26 +1046,22 @@ def plot(
         plt.close(fig)
         return
 
+    names = ("clip norm", "client lr", "server lr", *grid)
+
     def key(r):
-        return (r["clip_norm"], r["client_lr"], r["server_lr"])
+        return (r["clip_norm"], r["client_lr"], r["server_lr"], *(r[n] for n in grid))
 
     combos = sorted(
         {key(r) for r in curves}, key=lambda k: tuple(-1 if v is None else v for v in k)
     )
-    varying = [
-        name
-        for j, name in enumerate(("clip norm", "client lr", "server lr"))
-        if len({k[j] for k in combos}) > 1
-    ]
+    varying = [name for j, name in enumerate(names) if len({k[j] for k in combos}) > 1]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     inf_points = []
     for c, combo in enumerate(combos):
         mine = sorted((r for r in finite if key(r) == combo), key=lambda r: r["epsilon"])
         color = colors[c % len(colors)]
         label = ", ".join(
-            f"{name} {combo[j]:g}"
-            for j, name in enumerate(("clip norm", "client lr", "server lr"))
-            if name in varying
+            f"{name} {combo[j]:g}" for j, name in enumerate(names) if name in varying
         ) or "DP" + (f" (clip norm {combo[0]:g})" if combo[0] is not None else "")
         if mine:
             ax.errorbar(
@@ -1005,7 +1090,9 @@ def plot(
     # Baselines: one per learning-rate pair, dashed, with their +- std band.
     for b in baselines:
         lrs = (
-            f" (client lr {b['client_lr']:g}, server lr {b['server_lr']:g})"
+            f" (client lr {b['client_lr']:g}, server lr {b['server_lr']:g}"
+            + "".join(f", {n} {b[n]:g}" for n in grid)
+            + ")"
             if len(baselines) > 1
             else ""
         )
@@ -1064,10 +1151,11 @@ def plot(
     plt.close(fig)
 
 
-def _describe_row(r: dict[str, Any]) -> str:
+def _describe_row(r: dict[str, Any], grid: Sequence[str] = ()) -> str:
+    parts = [f"{n} {r[n]:g}" for n in grid]
     if r["baseline"]:
-        return "baseline"
-    parts = [f"client lr {r['client_lr']:g}", f"server lr {r['server_lr']:g}"]
+        return ", ".join(["baseline", *parts])
+    parts = [f"client lr {r['client_lr']:g}", f"server lr {r['server_lr']:g}", *parts]
     return ", ".join(parts)
 
 
@@ -1149,7 +1237,7 @@ def run_sweep(cfg, *, write: bool = True, log: Callable[[str], Any] = print) -> 
         delta=p.delta,
         rounds=cfg.run.rounds,
     )
-    table = format_table(rows, delta=p.delta, privacy=privacy)
+    table = format_table(rows, delta=p.delta, privacy=privacy, grid=sweep.grid_names)
     out_dir = None
     if write:
         out_dir = pathlib.Path(cfg.sweep.output or pathlib.Path(cfg.run.output_dir) / "sweep")
@@ -1181,7 +1269,13 @@ def run_sweep(cfg, *, write: bool = True, log: Callable[[str], Any] = print) -> 
             if sweep.unit
             else "epsilon"
         )
-        plot(rows, out_dir / "accuracy_vs_epsilon.png", title=title, epsilon_label=eps_label)
+        plot(
+            rows,
+            out_dir / "accuracy_vs_epsilon.png",
+            title=title,
+            epsilon_label=eps_label,
+            grid=sweep.grid_names,
+        )
     log("")
     log(table)
     log(
