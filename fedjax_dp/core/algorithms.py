@@ -645,6 +645,7 @@ def build_simulation(
     client_stages: Sequence[base.RoundTransform] = (),
     server_stages: Sequence[base.RoundTransform] = (),
     aggregator: aggregators.Aggregator | None = None,
+    host_client_states: bool = False,
 ) -> Simulation:
     """Builds the jitted round of ``config`` for ``model`` on the federated ``data``.
 
@@ -667,6 +668,9 @@ def build_simulation(
         weighted sum (e.g. :func:`fedjax_dp.aggregators.coordinate_median`); the automatic
         chunk size leaves room for a gathering aggregator's ``[C, *P]`` buffer. With DP
         noise it must be ``dp_compatible`` (the round refuses it otherwise).
+      host_client_states: keep the per-client state (SCAFFOLD's control variates) on the
+        host: see :func:`fedjax_dp.build_round` and
+        :class:`fedjax_dp.runner.host_states.HostClientStates`.
     """
     config = resolve(config)
     if tuple(data.feature_shape) != tuple(model.input_shape):
@@ -744,5 +748,6 @@ def build_simulation(
         server_optimizer=_optimizer(config.server_optimizer, "server_optimizer"),
         chunk_size=config.chunk_size,
         mesh=mesh,
+        host_client_states=host_client_states,
     )
     return Simulation(config, model, client, sampler, rnd)

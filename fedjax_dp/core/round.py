@@ -137,6 +137,7 @@ def build_round(
     chunk_size: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
     jit: bool = True,
+    host_client_states: bool = False,
 ) -> Round:
     """Builds a federated round.
 
@@ -168,6 +169,12 @@ def build_round(
         scattered on the global arrays (every device the same rows). Client stages must be
         stateless.
       jit: return ``round_fn`` (state donated) and ``sample`` compiled with ``jax.jit``.
+      host_client_states: the population's per-client state lives on the HOST (for host
+        populations too large for the device, :class:`fedjax_dp.runner.host_states.HostClientStates`):
+        ``ServerState.client_states`` then holds only the cohort's rows ``[cohort_size,
+        ...]`` (slot ``i``: client ``cohort.ids[i]``), the round must be called with its
+        ``cohort``, and it returns the rows updated where a real client uploaded in a round
+        that was not skipped (the others unchanged), for the host to scatter back.
 
     Raises:
       ValueError: a DP noise stage without a clip on the same sensitivity before it; a
@@ -270,8 +277,9 @@ def build_round(
         client_states = ()
         if client.init_local is not None:
             row = client.init_local(params)
+            rows = cohort_size if host_client_states else population
             client_states = jax.tree.map(
-                lambda x: jnp.broadcast_to(x, (population, *jnp.shape(x))).copy(), row
+                lambda x: jnp.broadcast_to(x, (rows, *jnp.shape(x))).copy(), row
             )
         server_aux = client.server_init(params) if client.server_init is not None else ()
         return ServerState(
@@ -323,7 +331,7 @@ def build_round(
             update_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(ckeys, 0)
             tx_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(ckeys, 1)
             local = jax.tree.map(
-                lambda s: jnp.take(s, c["ids"], axis=0, mode="clip"), client_states
+                lambda s: jnp.take(s, c[state_index], axis=0, mode="clip"), client_states
             )
             ctx = ClientContext(
                 c["ids"], c["rows"], update_keys, cmask, cup, c["budget"], local, server_aux
@@ -395,6 +403,9 @@ def build_round(
         return totals, normalizer, msums, stat_sums, new_tx, new_local
 
     _axis = None if mesh is None else "clients"
+    # Which slot field indexes client_states: global ids, or the cohort slot (host states).
+    state_index = "rows" if host_client_states else "ids"
+    state_rows = cohort_size if host_client_states else population
 
     def sample_step(key, round_index, sampler_state) -> tuple[Cohort, Any]:
         ids, mask, overflow, sampler_state = sampler.step(
@@ -416,6 +427,12 @@ def build_round(
         params = state.params
         hparams = _with_state_hparams(hparams, state, stages_of)
         if cohort is None:
+            if host_client_states and client.init_local is not None:
+                raise ValueError(
+                    "host_client_states: the state holds only the cohort's rows, so pass "
+                    "the cohort (round_fn(state, cohort_data, hparams, key, cohort); "
+                    "fedjax_dp.population.run_rounds does it)"
+                )
             cohort, sampler_state = sample_step(key, state.round, state.sampler_state)
             rows = cohort.ids
         else:
@@ -457,7 +474,7 @@ def build_round(
             totals, normalizer, msums, stat_sums, tx_state, new_local = _run_chunks(
                 slots, state.client_tx_state, *args
             )
-            slot_ids = slots["ids"]
+            slot_index = slots[state_index]
         else:
             if jax.tree.leaves(state.client_tx_state):
                 raise ValueError("client stages with state cannot be sharded over a mesh yet")
@@ -486,7 +503,7 @@ def build_round(
                 check_vma=False,
             )(slots, *args)
             tx_state = state.client_tx_state
-            slot_ids = slots["ids"]
+            slot_index = slots[state_index]
 
         clash = sorted(set(stat_sums) & set(hparams))
         if clash:
@@ -518,7 +535,7 @@ def build_round(
         client_states = state.client_states
         if jax.tree.leaves(client_states):
             write = slots["mask"] & slots["uploaded"] & ~skipped
-            where = jnp.where(write, slot_ids, population)  # out of range: dropped
+            where = jnp.where(write, slot_index, state_rows)  # out of range: dropped
             if mesh is not None:
                 # The scatter runs on replicated indices and rows: every device the same.
                 rep = jax.sharding.PartitionSpec()
