@@ -15,6 +15,39 @@ import fedjax_dp
 from fedjax_dp.core import base
 from fedjax_dp.core import client as client_lib
 
+# A tiny DP-FedAvg run: 20 digits clients, Poisson rate 0.5, an MLP with 8 hidden units.
+TINY_DP_RUN = """\
+[run]
+seed = 3
+rounds = 6
+eval_every = 3
+checkpoint_every = 4
+progress = false
+
+[data]
+source = "digits"
+num_clients = 20
+partition = "iid"
+
+[model]
+name = "mlp"
+hidden = [8]
+
+[algorithm]
+name = "dp_fedavg"
+sampling = "poisson"
+sampling_rate = 0.5
+local_epochs = 0
+local_steps = 1
+batch_size = 16
+client_lr = 0.2
+clip_norm = 0.5
+noise_multiplier = 1.0
+
+[privacy]
+delta = 1e-3
+"""
+
 
 def cli_output(argv: list[str], stream: str = "stderr") -> tuple[int, str]:
     """Runs ``fedjax-dp`` in this process: ``(exit code, what it wrote to stream)``."""

@@ -19,41 +19,11 @@ import pytest
 from fedjax_dp import accounting, experiment
 from fedjax_dp.core.algorithms import build_simulation
 from fedjax_dp.runner import checkpointing
+from tests import _testing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# A tiny DP-FedAvg run: 20 digits clients, Poisson rate 0.5, an MLP with 8 hidden units.
-TINY = """\
-[run]
-seed = 3
-rounds = 6
-eval_every = 3
-checkpoint_every = 4
-progress = false
-
-[data]
-source = "digits"
-num_clients = 20
-partition = "iid"
-
-[model]
-name = "mlp"
-hidden = [8]
-
-[algorithm]
-name = "dp_fedavg"
-sampling = "poisson"
-sampling_rate = 0.5
-local_epochs = 0
-local_steps = 1
-batch_size = 16
-client_lr = 0.2
-clip_norm = 0.5
-noise_multiplier = 1.0
-
-[privacy]
-delta = 1e-3
-"""
+TINY = _testing.TINY_DP_RUN
 
 
 def _config(tmp_path, out="run", **overrides):

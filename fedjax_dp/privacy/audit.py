@@ -549,6 +549,7 @@ class CanaryAuditor:
         accountant: str = "rdp",
         conversion: str = "improved",
         progress=None,
+        callbacks: Sequence[Any] = (),
     ) -> AuditResult:
         """Trains ``rounds`` rounds from ``key`` and audits the result.
 
@@ -565,11 +566,14 @@ class CanaryAuditor:
             norm).
           accountant, conversion: see :class:`fedjax_dp.accounting.Accountant`.
           progress: optional ``callable(round_index)`` called after each round is dispatched.
+          callbacks: :class:`fedjax_dp.runner.loop.Callback` s of the training loop
+            (:func:`fedjax_dp.runner.loop.train_loop`), e.g. a progress bar.
 
         Returns:
           An :class:`AuditResult`.
         """
         from fedjax_dp.privacy import accounting  # host side only
+        from fedjax_dp.runner import loop
 
         if int(rounds) != rounds or rounds < 1:
             raise ValueError(f"rounds={rounds!r} must be a positive integer")
@@ -604,10 +608,19 @@ class CanaryAuditor:
         init_key, train_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
         state = sim.init(init_key)
         initial = jax.device_get(state.params)
-        for r in range(int(rounds)):
-            state, _ = sim.round_fn(state, self.data, hparams, jax.random.fold_in(train_key, r))
-            if progress is not None:
-                progress(r)
+
+        def step(state, r):
+            return sim.round_fn(state, self.data, hparams, jax.random.fold_in(train_key, r))
+
+        hooks = list(callbacks)
+        if progress is not None:
+
+            class EachRound(loop.Callback):
+                def on_round_end(self, done, state, metrics):
+                    progress(done - 1)
+
+            hooks.append(EachRound())
+        state = loop.train_loop(step, state, rounds=int(rounds), callbacks=hooks)
         final = jax.device_get(state.params)
         change = jax.tree.map(lambda a, b: np.asarray(a, np.float32) - b, final, initial)
         scores = canary_scores(self.canary_key, change, m)
@@ -780,7 +793,7 @@ def run_audit(cfg, *, write: bool = True, log=print) -> list[dict[str, Any]]:
     import pathlib
 
     from fedjax_dp.core.evaluation import evaluate
-    from fedjax_dp.runner import experiment
+    from fedjax_dp.runner import experiment, loop
 
     experiment._check(cfg)
     a, p = cfg.audit, cfg.privacy
@@ -834,8 +847,7 @@ def run_audit(cfg, *, write: bool = True, log=print) -> list[dict[str, Any]]:
         audited = audited_round_privacy(sim.round_privacy(claimed))
         releases.append((sigma, [(rp, cfg.run.rounds) for rp in audited]))
         train_hp, canary_norm = fault_hparams(a.fault, claimed)
-        bar = experiment._progress(cfg.run.rounds, cfg.run.progress)
-        try:
+        with loop.Progress(cfg.run.rounds, enabled=cfg.run.progress) as bar:
             result = auditor.run(
                 rounds=cfg.run.rounds,
                 key=jax.random.fold_in(root, 3),
@@ -846,10 +858,8 @@ def run_audit(cfg, *, write: bool = True, log=print) -> list[dict[str, Any]]:
                 canary_norm=canary_norm,
                 accountant=p.accountant,
                 conversion=p.conversion,
-                progress=lambda _, bar=bar: bar.update(1),
+                callbacks=[bar],
             )
-        finally:
-            bar.close()
         row = {"noise_multiplier": sigma, **result.summary()}
         row["audit_test_accuracy"] = evaluate(model, result.params, x_test, y_test)["accuracy"]
         if held_out is not None:

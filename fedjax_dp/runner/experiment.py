@@ -1,8 +1,8 @@
 """Experiments: configuration files, the host loop over rounds, metrics and outputs.
 
-The host loop runs over ROUNDS only; everything inside a round is one jitted call. Round
-metrics stay on device until the next evaluation point or checkpoint, so rounds are dispatched without a
-host sync in between.
+The host loop runs over ROUNDS only (:func:`fedjax_dp.runner.loop.train_loop`); everything
+inside a round is one jitted call. Round metrics stay on device until the next evaluation
+point or checkpoint, so rounds are dispatched without a host sync in between.
 """
 
 from __future__ import annotations
@@ -13,9 +13,6 @@ import math
 import os
 import pathlib
 import shutil
-import signal
-import sys
-import threading
 import time
 import types
 import typing
@@ -35,6 +32,7 @@ from fedjax_dp.data import sources as sources_lib
 from fedjax_dp.privacy import accounting
 from fedjax_dp.privacy import membership as attacks_lib
 from fedjax_dp.runner import checkpointing
+from fedjax_dp.runner import loop as loop_lib
 
 
 def _field(default, help: str, **kw):
@@ -663,7 +661,13 @@ def warn_overflow(total: int, what: str, where: str) -> None:
         )
 
 
-def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
+def run(
+    cfg: ExperimentConfig,
+    *,
+    write: bool = True,
+    log=print,
+    callbacks: typing.Sequence[loop_lib.Callback] = (),
+) -> RunResult:
     """Runs the experiment: trains, evaluates every ``eval_every`` rounds, accounts privacy.
 
     Writes to ``cfg.run.output_dir``: ``config.json``, ``metrics.jsonl`` (one JSON object per
@@ -679,6 +683,10 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
     from it and ends with the same parameters, metrics and epsilon as a run never stopped;
     the first Ctrl-C checkpoints the last completed round and stops (with
     ``run.checkpoint_every > 0``, on the main thread; see docs/long_runs.md).
+
+    The rounds run in :func:`fedjax_dp.runner.loop.train_loop`; ``callbacks`` (of
+    :class:`fedjax_dp.runner.loop.Callback`) are called after the built-in ones (metrics rows,
+    evaluation, files, progress bar, checkpoints), e.g. to log or stop on what they see.
     """
     _check(cfg)
     out_dir = pathlib.Path(cfg.run.output_dir) if write else None
@@ -728,7 +736,7 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
     every = cfg.run.checkpoint_every if out_dir is not None else 0
     history: list[dict[str, Any]] = []
     start_round, elapsed_before = 0, 0.0
-    ckpts = metrics_file = tb = bar = None
+    ckpts = metrics_file = tb = progress = None
     try:
         if every or resume_round is not None:
             ckpts = checkpointing.Checkpointer(out_dir / checkpointing.CHECKPOINT_DIR)
@@ -760,62 +768,61 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
             if writer_cls is not None:
                 # purge_step hides the events a killed or earlier session wrote after that row.
                 tb = writer_cls(str(out_dir / "tensorboard"), purge_step=written + 1)
-        bar = _progress(cfg.run.rounds, cfg.run.progress, initial=start_round)
-        pending: list[tuple[int, dict[str, Any]]] = []
         overflow_total = 0  # internal: never written in DP runs
         # Rows since the last evaluation (their mean train loss is logged with it).
         since_eval = max((i + 1 for i, h in enumerate(history) if "test_accuracy" in h), default=0)
-        _set_postfix(bar, history, accountants, refresh=True)
+        progress = loop_lib.Progress(
+            cfg.run.rounds,
+            enabled=cfg.run.progress,
+            initial=start_round,
+            postfix_fn=lambda: _postfix(history, accountants),
+        )
         start = time.perf_counter()
 
         def elapsed() -> float:
             return elapsed_before + time.perf_counter() - start
 
-        def flush(done: int) -> None:
-            """Rows of the pending rounds (one host sync), the evaluation if ``done`` is an
-            evaluation point, then writes the new rows."""
-            nonlocal written, since_eval, overflow_total
-            for rnd, m in zip([i for i, _ in pending], jax.device_get([m for _, m in pending])):
-                overflow_total += int(m["cohort_overflow"])
-                row = {"round": rnd}
-                if not accountants:  # data-dependent values the accountant does not cover
-                    row.update(
-                        train_loss=float(m["train_loss"]),
-                        num_clients=int(m["num_clients"]),
-                        cohort_overflow=int(m["cohort_overflow"]),
-                    )
-                if "clip_norm" in m:  # adaptive clipping: the clip norm this round used
-                    row["clip_norm"] = float(m["clip_norm"])
-                if "skipped" in m:  # min_clients: a skipped round is reported, never silent
-                    row["skipped"] = int(m["skipped"])
-                if not accountants and sim.round.systems.active:
-                    row["num_uploads"] = int(m["num_uploads"])
-                row.update(plan.compose(rnd - 1))  # epsilon and relation (DP runs)
-                history.append(row)
-            pending.clear()
-            if not history:
+        def row_of(rnd: int, m: dict[str, Any]) -> dict[str, Any]:
+            """Round ``rnd``'s metrics row from its fetched metrics ``m``."""
+            nonlocal overflow_total
+            overflow_total += int(m["cohort_overflow"])
+            row = {"round": rnd}
+            if not accountants:  # data-dependent values the accountant does not cover
+                row.update(
+                    train_loss=float(m["train_loss"]),
+                    num_clients=int(m["num_clients"]),
+                    cohort_overflow=int(m["cohort_overflow"]),
+                )
+            if "clip_norm" in m:  # adaptive clipping: the clip norm this round used
+                row["clip_norm"] = float(m["clip_norm"])
+            if "skipped" in m:  # min_clients: a skipped round is reported, never silent
+                row["skipped"] = int(m["skipped"])
+            if not accountants and sim.round.systems.active:
+                row["num_uploads"] = int(m["num_uploads"])
+            row.update(plan.compose(rnd - 1))  # epsilon and relation (DP runs)
+            return row
+
+        def evaluate_last(done: int, state) -> None:
+            """Evaluates ``state`` into the last row (round ``done``) unless it was."""
+            nonlocal since_eval
+            if not history or "test_accuracy" in history[-1]:
                 return
             row = history[-1]
-            due = done % cfg.run.eval_every == 0 or done == cfg.run.rounds
-            if due and "test_accuracy" not in row:
-                ev = evaluate(model, state.params, x_test, y_test)
-                row.update(test_loss=ev["loss"], test_accuracy=ev["accuracy"], elapsed_s=elapsed())
-                msg = f"round {done:>5}/{cfg.run.rounds}  "
-                if not accountants:
-                    train_loss = np.mean([h["train_loss"] for h in history[since_eval:]])
-                    msg += f"train loss {float(train_loss):.4f}  "
-                since_eval = len(history)
-                msg += f"test loss {ev['loss']:.4f}  accuracy {ev['accuracy']:.4f}"
-                for unit in accountants:
-                    msg += f"  eps({unit}) {row[f'epsilon_{unit}']:.3f}"
-                bar.write(msg)
-            _write_rows(history[written:], metrics_file, tb)
-            written = len(history)
-            _set_postfix(bar, history, accountants)
+            ev = evaluate(model, state.params, x_test, y_test)
+            row.update(test_loss=ev["loss"], test_accuracy=ev["accuracy"], elapsed_s=elapsed())
+            msg = f"round {done:>5}/{cfg.run.rounds}  "
+            if not accountants:
+                train_loss = np.mean([h["train_loss"] for h in history[since_eval:]])
+                msg += f"train loss {float(train_loss):.4f}  "
+            since_eval = len(history)
+            msg += f"test loss {ev['loss']:.4f}  accuracy {ev['accuracy']:.4f}"
+            for unit in accountants:
+                msg += f"  eps({unit}) {row[f'epsilon_{unit}']:.3f}"
+            progress.write(msg)
 
-        def save(done: int) -> None:
+        def save(done: int, state) -> None:
             """Checkpoints round ``done`` (all its rows fetched) unless it is on disk."""
-            if every and done and ckpts.latest_round != done:
+            if done and ckpts.latest_round != done:
                 ckpts.save(
                     done,
                     state,
@@ -826,37 +833,41 @@ def run(cfg: ExperimentConfig, *, write: bool = True, log=print) -> RunResult:
                     elapsed_s=elapsed(),
                 )
 
-        done = start_round
-        with _StopOnInterrupt(bool(every)) as stop:
-            for r in range(start_round, cfg.run.rounds):
-                if stop.raised:
-                    break
-                state, metrics = sim.round_fn(
-                    state, device_data, plan.hparams_at(r), jax.random.fold_in(train_key, r)
-                )
-                pending.append((r + 1, metrics))
-                done = r + 1
-                last = done == cfg.run.rounds
-                checkpoint = every and (done % every == 0 or last)
-                # One host sync per evaluation point or checkpoint: the pending rounds' metrics.
-                if done % cfg.run.eval_every == 0 or last or checkpoint:
-                    flush(done)
-                if checkpoint:
-                    save(done)
-                bar.update(1)
-            if stop.raised and done < cfg.run.rounds:
-                flush(done)
-                save(done)
-                log(
-                    f"interrupted after round {done} of {cfg.run.rounds}: checkpoint in "
-                    f"{out_dir / checkpointing.CHECKPOINT_DIR}; run the same command to resume"
-                )
-                raise KeyboardInterrupt
-        if "test_accuracy" not in history[-1]:
-            flush(done)  # a resumed, complete run whose last round was not evaluated
+        def interrupted(done: int) -> None:
+            log(
+                f"interrupted after round {done} of {cfg.run.rounds}: checkpoint in "
+                f"{out_dir / checkpointing.CHECKPOINT_DIR}; run the same command to resume"
+            )
+
+        # At a flush (an evaluation point, a checkpoint, the last round, a Ctrl-C) the
+        # pending rounds' metrics become rows (one host sync), the last row is evaluated if
+        # due, the new rows are written, the bar shows them, and a due checkpoint is saved.
+        hooks: list[loop_lib.Callback] = [
+            loop_lib.Metrics(row_of, rows=history),
+            loop_lib.Evaluation(evaluate_last, every=cfg.run.eval_every),
+            _RowWriter(history, written, metrics_file, tb),
+            progress,
+        ]
+        if every:
+            hooks.append(loop_lib.Checkpoints(save, every=every, on_interrupt=interrupted))
+        hooks += callbacks  # the caller's, after the built-in ones
+
+        def step(state, r: int):
+            return sim.round_fn(
+                state, device_data, plan.hparams_at(r), jax.random.fold_in(train_key, r)
+            )
+
+        state = loop_lib.train_loop(
+            step,
+            state,
+            start=start_round,
+            rounds=cfg.run.rounds,
+            callbacks=hooks,
+            stop_on_interrupt=bool(every),
+        )
         total_s = elapsed()
     finally:
-        for closable in (bar, metrics_file, tb, ckpts):
+        for closable in (progress, metrics_file, tb, ckpts):
             if closable is not None:
                 closable.close()
     if accountants:
@@ -965,7 +976,7 @@ def _check_restored(restored, accountants, plan, train_key) -> None:
             )
 
 
-def _set_postfix(bar, history, accountants, refresh: bool = False) -> None:
+def _postfix(history, accountants) -> dict[str, str]:
     """The progress bar's postfix: the latest test accuracy and epsilon."""
     post = {}
     acc = next((h["test_accuracy"] for h in reversed(history) if "test_accuracy" in h), None)
@@ -973,7 +984,20 @@ def _set_postfix(bar, history, accountants, refresh: bool = False) -> None:
         post["acc"] = f"{acc:.3f}"
     if history:
         post.update({f"eps_{u}": f"{history[-1][f'epsilon_{u}']:.2f}" for u in accountants})
-    bar.set_postfix(post, refresh=refresh)
+    return post
+
+
+class _RowWriter(loop_lib.Callback):
+    """At each flush, appends the rows not written yet to ``metrics.jsonl`` (and TensorBoard);
+    ``written``: how many of ``history``'s rows are on disk already."""
+
+    def __init__(self, history: list[dict[str, Any]], written: int, metrics_file, tb) -> None:
+        self.history, self.written = history, written
+        self.metrics_file, self.tb = metrics_file, tb
+
+    def on_flush(self, done: int, state: Any) -> None:
+        _write_rows(self.history[self.written :], self.metrics_file, self.tb)
+        self.written = len(self.history)
 
 
 def attack_split(cfg: ExperimentConfig, train):
@@ -992,54 +1016,6 @@ def attack_metrics(model, params, held_in, held_out) -> dict[str, Any]:
     """The loss-threshold membership attack on clients, as ``attack_*`` summary entries."""
     result = attacks_lib.loss_threshold_attack(model, params, held_in, held_out)
     return {f"attack_{k}": v for k, v in result.items()}
-
-
-def _progress(total: int, enabled: bool, *, initial: int = 0):
-    """A progress bar over rounds: ``round n/total``, the rate in round/s (of this session's
-    rounds: ``initial`` is where a resumed run starts) and a postfix (accuracy, epsilon)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        initial=initial,
-        disable=not enabled,
-        unit="round",
-        dynamic_ncols=True,
-        leave=False,
-        bar_format="round {n_fmt}/{total_fmt} |{bar}| [{elapsed}<{remaining}, {rate_fmt}{postfix}]",
-    )
-
-
-class _StopOnInterrupt:
-    """Turns the first Ctrl-C (SIGINT) into a flag that the round loop checks between rounds,
-    so the run checkpoints its last completed round and stops; a second Ctrl-C stops at once.
-    Only in the main thread (elsewhere Python delivers no signals)."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
-        self.raised = False
-        self._previous = None
-
-    def __enter__(self):
-        if self.enabled:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.raised:
-            raise KeyboardInterrupt
-        self.raised = True
-        print(
-            "\ninterrupted: saving a checkpoint after this round (Ctrl-C again to stop now)",
-            file=sys.stderr,
-        )
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            previous = self._previous
-            signal.signal(
-                signal.SIGINT, signal.default_int_handler if previous is None else previous
-            )
 
 
 def _summary_writer_cls():

@@ -28,7 +28,7 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple, final
 
 import jax
@@ -36,6 +36,7 @@ import numpy as np
 
 from fedjax_dp.core.round import Cohort, Round
 from fedjax_dp.data import ClientTable, FederatedData
+from fedjax_dp.runner import loop
 
 __all__ = [
     "Cohort",
@@ -439,6 +440,7 @@ def run_rounds(
     *,
     depth: int = 2,
     device: Any = None,
+    callbacks: Sequence[loop.Callback] = (),
 ) -> tuple[Any, list[dict[str, jax.Array]]]:
     """Runs one round per key on a host-resident population, prefetching the cohorts.
 
@@ -454,18 +456,34 @@ def run_rounds(
       keys: round keys, in order.
       depth: prefetch queue depth.
       device: optional ``jax.device_put`` target of the cohorts.
+      callbacks: more :class:`fedjax_dp.runner.loop.Callback` s of the round loop
+        (:func:`fedjax_dp.runner.loop.train_loop`: evaluation, progress, ...).
 
     Returns:
       ``(state, history)``: the final state and each round's metrics (device scalars, not
       synchronised).
     """
     rnd = _as_round(sim_or_round)
-    history = []
+    keys = list(keys)
+    history = _Collect()
     prefetcher = prefetch_cohorts(
         sim_or_round, population, keys, depth=depth, device=device, state=state
     )
     with prefetcher as cohorts:
-        for c in cohorts:
-            state, metrics = rnd.round_fn(state, c.data, hparams, c.key, c.cohort)
-            history.append(metrics)
-    return state, history
+
+        def step(state, r):
+            c = next(cohorts)  # the prefetched cohort of keys[r]
+            return rnd.round_fn(state, c.data, hparams, c.key, c.cohort)
+
+        state = loop.train_loop(step, state, rounds=len(keys), callbacks=[history, *callbacks])
+    return state, history.metrics
+
+
+class _Collect(loop.Callback):
+    """Each round's metrics, left on the device."""
+
+    def __init__(self) -> None:
+        self.metrics: list[dict[str, jax.Array]] = []
+
+    def on_round_end(self, done: int, state: Any, metrics: dict[str, jax.Array]) -> None:
+        self.metrics.append(metrics)

@@ -80,6 +80,7 @@ from fedjax_dp import privacy as privacy_lib
 from fedjax_dp.core import memory
 from fedjax_dp.core.algorithms import build_simulation, hparams_of
 from fedjax_dp.core.evaluation import evaluate, evaluate_batch
+from fedjax_dp.runner import loop as loop_lib
 
 #: Clip norm of the non-private baseline: large enough that clipping never acts, small enough
 #: that ``0 * C`` (the noise std) and ``C ** 2`` (per-layer sensitivities) stay finite.
@@ -656,52 +657,63 @@ class Sweep:
         cfg = self.cfg
         vectorize = cfg.sweep.vectorize if vectorize is None else vectorize
         progress = cfg.run.progress if progress is None else progress
-        from fedjax_dp.runner import experiment
-
         rounds = cfg.run.rounds
         data = self.train_data.to_device()
         results: list[dict[str, Any]] = [{} for _ in range(self.num_points)]
         params_out: list[Any] = [None] * self.num_points
         start = time.perf_counter()
         first_round_s = None
+
+        def train(step, state, track, evaluate_fn, bar):
+            """``rounds`` rounds of ``step`` from ``state``, ``track`` collecting the metrics,
+            ``evaluate_fn`` every ``run.eval_every``; times the sweep's first round."""
+
+            def timed_step(state, r):
+                nonlocal first_round_s
+                state, metrics = step(state, r)
+                if first_round_s is None:  # compilation, unless compile() ran before
+                    jax.block_until_ready(state)
+                    first_round_s = time.perf_counter() - start
+                return state, metrics
+
+            evaluation = loop_lib.Evaluation(evaluate_fn, every=cfg.run.eval_every)
+            return loop_lib.train_loop(
+                timed_step, state, rounds=rounds, callbacks=[track, evaluation, bar]
+            )
+
         n_seeds = len(self.seeds)
         if vectorize:
             shape = self.group_shape(parallel)
             group = shape[0] * shape[1]
             groups = self._groups(shape)
-            bar = experiment._progress(rounds * len(groups), progress)
-            step = self._step(shape)
-            try:
+            step_fn = self._step(shape)
+            with loop_lib.Progress(rounds * len(groups), enabled=progress) as bar:
                 for seeds, settings in groups:
                     states, table, train_keys = self._group_inputs(shape, seeds, settings)
                     # Row j of the flattened [seeds, settings] group is point `points[j]`.
                     points = [s * n_seeds + k for k in seeds for s in settings]
                     track = _Tracker(group, private=self.unit is not None)
-                    for r in range(rounds):
-                        states, metrics = step(states, data, table, train_keys, r)
-                        track.pending.append(metrics)
-                        if first_round_s is None:
-                            jax.block_until_ready(states)
-                            first_round_s = time.perf_counter() - start
-                        if (r + 1) % cfg.run.eval_every == 0 or r + 1 == rounds:
-                            ev = evaluate_batch(
-                                self.model, _flatten2(states.params), self.x_test, self.y_test
-                            )
-                            track.evaluated(r + 1, ev["loss"], ev["accuracy"])
-                            bar.set_postfix(acc=f"{float(np.mean(ev['accuracy'])):.3f}")
-                        bar.update(1)
+
+                    def evaluate_group(done, states, track=track):
+                        ev = evaluate_batch(
+                            self.model, _flatten2(states.params), self.x_test, self.y_test
+                        )
+                        track.evaluated(done, ev["loss"], ev["accuracy"])
+                        bar.set_postfix(acc=f"{float(np.mean(ev['accuracy'])):.3f}")
+
+                    def step(states, r, table=table, train_keys=train_keys):
+                        return step_fn(states, data, table, train_keys, r)
+
+                    states = train(step, states, track, evaluate_group, bar)
                     params = jax.device_get(_flatten2(states.params))
                     for j, i in enumerate(points):
                         if params_out[i] is None:  # padding copies come after the original
                             results[i] = track.result(j)
                             params_out[i] = jax.tree.map(lambda x, j=j: x[j], params)
-            finally:
-                bar.close()
         else:
             group = 1
-            bar = experiment._progress(rounds * self.num_points, progress)
             device_hp: dict[tuple, dict[str, jax.Array]] = {}
-            try:
+            with loop_lib.Progress(rounds * self.num_points, enabled=progress) as bar:
                 for i in range(self.num_points):
                     setting, seed = self.point(i)
                     root = jax.random.key(seed)
@@ -709,30 +721,23 @@ class Sweep:
                     train_key = jax.random.fold_in(root, 1)
                     track = _Tracker(1, private=self.unit is not None)
                     table = self._table[:, setting]
-                    for r in range(rounds):
+
+                    def evaluate_point(done, state, track=track):
+                        ev = evaluate(self.model, state.params, self.x_test, self.y_test)
+                        track.evaluated(done, np.array([ev["loss"]]), np.array([ev["accuracy"]]))
+                        bar.set_postfix(acc=f"{ev['accuracy']:.3f}")
+
+                    def step(state, r, table=table, train_key=train_key):
                         values = table[min(r, len(table) - 1)]
                         hp = device_hp.get(values.tobytes())
                         if hp is None:
                             hp = _device_hparams(dict(zip(self._names, values.tolist())))
                             device_hp[values.tobytes()] = hp
-                        state, metrics = self.sim.round_fn(
-                            state, data, hp, jax.random.fold_in(train_key, r)
-                        )
-                        track.pending.append(metrics)
-                        if first_round_s is None:
-                            jax.block_until_ready(state)
-                            first_round_s = time.perf_counter() - start
-                        if (r + 1) % cfg.run.eval_every == 0 or r + 1 == rounds:
-                            ev = evaluate(self.model, state.params, self.x_test, self.y_test)
-                            track.evaluated(
-                                r + 1, np.array([ev["loss"]]), np.array([ev["accuracy"]])
-                            )
-                            bar.set_postfix(acc=f"{ev['accuracy']:.3f}")
-                        bar.update(1)
+                        return self.sim.round_fn(state, data, hp, jax.random.fold_in(train_key, r))
+
+                    state = train(step, state, track, evaluate_point, bar)
                     results[i] = track.result(0)
                     params_out[i] = jax.device_get(state.params)
-            finally:
-                bar.close()
         train_s = time.perf_counter() - start
         params = jax.tree.map(lambda *xs: np.stack(xs), *params_out)
         timing = {
@@ -757,7 +762,7 @@ class Sweep:
         return results, params, timing
 
 
-class _Tracker:
+class _Tracker(loop_lib.Callback):
     """Per-round metrics of ``n`` points, fetched at evaluation points (one host sync).
 
     With ``private`` (a DP sweep) the training loss and the cohort overflow are neither
@@ -771,6 +776,9 @@ class _Tracker:
         self.pending: list[dict[str, jax.Array]] = []
         self.overflow = np.zeros(n, np.int64)
         self.curve: list[list[dict[str, float]]] = [[] for _ in range(n)]
+
+    def on_round_end(self, done: int, state: Any, metrics: dict[str, jax.Array]) -> None:
+        self.pending.append(metrics)
 
     def evaluated(self, rnd: int, loss: np.ndarray, accuracy: np.ndarray) -> None:
         last = None
