@@ -9,7 +9,7 @@ from absl.testing import absltest
 
 import fedjax_dp
 from fedjax_dp.runner.host_states import HostClientStates
-from fedjax_dp.runner.population import HostPopulation
+from fedjax_dp.runner.population import HostPopulation, run_rounds
 from tests import _testing
 
 
@@ -47,6 +47,26 @@ class HostClientStatesTest(absltest.TestCase):
             np.testing.assert_array_equal(a, b)  # every client's control variate
         written = np.any(np.abs(jax.tree.leaves(states.states)[0]) > 0, axis=-1)
         self.assertGreater(written.sum(), 0)  # the test saw real state, not only zeros
+
+    def test_run_rounds_with_host_states_equals_device_state(self):
+        data, device, host = _sims()
+        population = HostPopulation.from_federated_data(data)
+        hp = device.make_hparams()
+        keys = [jax.random.key(20 + r) for r in range(3)]
+        d_state = device.init(jax.random.key(0))
+        for k in keys:
+            d_state, _ = device.round_fn(d_state, data, hp, k)
+        h_state = host.init(jax.random.key(0))
+        with self.assertRaisesRegex(ValueError, "pass client_states="):
+            run_rounds(host, h_state, population, hp, keys)
+        states = HostClientStates(h_state, data.num_clients)
+        h_state, _ = run_rounds(host, h_state, population, hp, keys, client_states=states)
+        for a, b in zip(
+            jax.tree.leaves(jax.device_get(d_state.client_states)), jax.tree.leaves(states.states)
+        ):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(d_state.params), jax.tree.leaves(h_state.params)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     def test_errors_name_the_fix(self):
         data, _, host = _sims()

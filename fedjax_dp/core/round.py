@@ -107,6 +107,8 @@ class Round(NamedTuple):
       hparams: the :class:`fedjax_dp.core.hparams.HParam` declarations of every traced
         hyper-parameter the round reads: the client update's, ``server_lr``, and every
         stage's (those a stage's state sets are marked ``from_state``).
+      host_client_states: whether ``ServerState.client_states`` holds only the cohort's
+        rows (the population's live on the host; see :func:`build_round`).
     """
 
     init: Callable[[base.Params], ServerState]
@@ -119,6 +121,7 @@ class Round(NamedTuple):
     systems: systems_lib.Systems = systems_lib.Systems()
     sample_step: Callable[..., tuple[Cohort, Any]] | None = None
     hparams: tuple = ()
+    host_client_states: bool = False
 
 
 def build_round(
@@ -595,6 +598,7 @@ def build_round(
         systems=systems,
         sample_step=sample_step_fn,
         hparams=declared,
+        host_client_states=bool(host_client_states and client.init_local is not None),
     )
 
 

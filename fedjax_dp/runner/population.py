@@ -441,6 +441,7 @@ def run_rounds(
     depth: int = 2,
     device: Any = None,
     callbacks: Sequence[loop.Callback] = (),
+    client_states: Any = None,
 ) -> tuple[Any, list[dict[str, jax.Array]]]:
     """Runs one round per key on a host-resident population, prefetching the cohorts.
 
@@ -458,12 +459,21 @@ def run_rounds(
       device: optional ``jax.device_put`` target of the cohorts.
       callbacks: more :class:`fedjax_dp.runner.loop.Callback` s of the round loop
         (:func:`fedjax_dp.runner.loop.train_loop`: evaluation, progress, ...).
+      client_states: the :class:`fedjax_dp.runner.host_states.HostClientStates` of a round
+        built with ``host_client_states=True`` (required then): each round gathers the
+        cohort's state rows from it and scatters the written rows back.
 
     Returns:
       ``(state, history)``: the final state and each round's metrics (device scalars, not
       synchronised).
     """
     rnd = _as_round(sim_or_round)
+    if rnd.host_client_states and client_states is None:
+        raise ValueError(
+            "the round keeps its per-client state on the host (host_client_states=True): "
+            "pass client_states=fedjax_dp.runner.host_states.HostClientStates(state, "
+            "population.num_clients)"
+        )
     keys = list(keys)
     history = _Collect()
     prefetcher = prefetch_cohorts(
@@ -473,6 +483,8 @@ def run_rounds(
 
         def step(state, r):
             c = next(cohorts)  # the prefetched cohort of keys[r]
+            if client_states is not None:
+                return client_states.round(rnd.round_fn, state, c.data, hparams, c.key, c.cohort)
             return rnd.round_fn(state, c.data, hparams, c.key, c.cohort)
 
         state = loop.train_loop(step, state, rounds=len(keys), callbacks=[history, *callbacks])
