@@ -24,8 +24,10 @@ $(DEV_STAMP): pyproject.toml | $(PY)
 demo: $(STAMP)
 	$(VENV)/bin/fedjax-dp run experiments/digits_dp_fedavg.toml
 
+# loadgroup: the tests of one xdist_group (a module whose tests share compiled rounds) run
+# on one worker; the rest are handed out one by one.
 test: $(DEV_STAMP)
-	$(PY) -m pytest -q -n 2 tests --ignore=tests/multidevice
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests --ignore=tests/multidevice
 	$(MAKE) --no-print-directory test-multidevice
 
 # Own process: the flag must be set before JAX initialises.
@@ -34,7 +36,7 @@ test-multidevice: $(DEV_STAMP)
 
 # The benchmark smoke runs marked slow (minutes each), left out of `make test`.
 test-slow: $(DEV_STAMP)
-	$(PY) -m pytest -q -n 2 -m slow tests --ignore=tests/multidevice
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m slow tests --ignore=tests/multidevice
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check fedjax_dp tests benchmarks experiments

@@ -24,10 +24,15 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import absltest, parameterized
 
 import fedjax_dp
 from tests import _testing
+
+# One worker runs this module (``--dist loadgroup``, see the Makefile): the tests of a case
+# then share its compiled round (:func:`_build_cached`) instead of compiling it on each worker.
+pytestmark = pytest.mark.xdist_group("contract")
 
 _BASE = dict(cohort_size=6, batch_size=3, local_epochs=1, client_lr=0.3, chunk_size=6)
 

@@ -1,10 +1,12 @@
 """The jitted, vmapped, chunked round against plain-loop references; masking; retracing."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import absltest, parameterized
 from scipy import stats
 
@@ -162,12 +164,17 @@ class ClientUpdateTest(parameterized.TestCase):
         np.testing.assert_allclose(np.asarray(total), [4.0, 6.0])
 
 
+@pytest.mark.xdist_group("padding_skip")  # one worker: the cases share two compiled rounds
 class PaddingSkipTest(parameterized.TestCase):
     """Chunks after the last real client are not computed, and skipping them changes nothing."""
 
     _T, _F = True, False
 
-    def _round(self, mask, extra_stages=()):
+    @staticmethod
+    @functools.cache
+    def _build(stateful_stage: bool):
+        """The round (built once per variant, shared by the masks below) and the list its
+        client update records the client ids of computed chunks in."""
         data = _testing.small_data()
         sim = _sim(data, name="dp_fedavg", clip_norm=0.1, noise_multiplier=0.5)
         ids = jnp.arange(10, dtype=jnp.int32)
@@ -177,25 +184,39 @@ class PaddingSkipTest(parameterized.TestCase):
             jax.debug.callback(lambda c: seen.extend(np.ravel(c).tolist()), ctx.client_id)
             return sim.client.update(params, d, ctx, hp)
 
+        # The mask is the sampler's state, so one compiled round serves every mask.
         sampler = fedjax_dp.sampling.CohortSampler(
-            lambda key: (ids, jnp.asarray(mask), jnp.zeros((), jnp.int32)),
+            None,
             10,
             5.0,
             "poisson",
             data.num_clients,
             0.5,
+            draw=lambda key, r, mask: (ids, mask, jnp.zeros((), jnp.int32), mask),
+            init_state=lambda: jnp.zeros(10, bool),
+        )
+        # A stateful client stage makes the round compute every chunk.
+        counter = fedjax_dp.RoundTransform(
+            init=lambda p: jnp.zeros((), jnp.int32),
+            update=lambda x, s, *, key, mask, hparams: (x, s + 1),
         )
         rnd = round_lib.build_round(
             sim.client._replace(update=update),
             sampler,
-            client_stages=(*extra_stages, *sim.round.client_stages),
+            client_stages=(*((counter,) if stateful_stage else ()), *sim.round.client_stages),
             server_stages=sim.round.server_stages,
             denominator="expected",
             chunk_size=2,
         )
+        return data, sim, rnd, seen
+
+    def _round(self, mask, stateful_stage=False):
+        data, sim, rnd, seen = self._build(stateful_stage)
+        seen.clear()
         params = sim.init(jax.random.key(0)).params
+        state = rnd.init(params)._replace(sampler_state=jnp.asarray(mask))
         state, metrics = rnd.round_fn(
-            rnd.init(params), data.to_device(), sim.make_hparams(), jax.random.key(1)
+            state, data.to_device(), sim.make_hparams(), jax.random.key(1)
         )
         jax.effects_barrier()
         return state.params, sorted(set(seen)), metrics
@@ -212,11 +233,7 @@ class PaddingSkipTest(parameterized.TestCase):
         self.assertEqual(int(metrics["num_clients"]), sum(mask))
         # A stateful client stage makes the round compute every chunk, as before: the
         # skipped chunks added exact zeros, so the results are bit-identical.
-        counter = fedjax_dp.RoundTransform(
-            init=lambda p: jnp.zeros((), jnp.int32),
-            update=lambda x, s, *, key, mask, hparams: (x, s + 1),
-        )
-        full, seen_full, _ = self._round(mask, extra_stages=(counter,))
+        full, seen_full, _ = self._round(mask, stateful_stage=True)
         self.assertEqual(seen_full, list(range(10)))
         jax.tree.map(np.testing.assert_array_equal, params, full)
 

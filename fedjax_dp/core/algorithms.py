@@ -35,20 +35,6 @@ ALGORITHMS = (
 #: ``dp_fedavg`` always has it.
 _OPTIONAL_USER_DP = ("fedprox", "scaffold")
 _SERVER_ALIASES = {"fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}
-NUMERIC_HPARAMS = (
-    "client_lr",
-    "server_lr",
-    "clip_norm",
-    "noise_multiplier",
-    "example_clip_norm",
-    "example_noise_multiplier",
-    "target_quantile",
-    "clip_lr",
-    "clipped_count_stddev",
-    "mu",
-    "control_clip_norm",
-    "control_noise_multiplier",
-)
 #: User-level DP mechanisms of ``dp_fedavg`` (``AlgorithmConfig.mechanism``).
 MECHANISMS = ("gaussian", "laplace", "local_gaussian")
 
@@ -57,8 +43,9 @@ MECHANISMS = ("gaussian", "laplace", "local_gaussian")
 class AlgorithmConfig:
     """Everything that defines a federated algorithm run (static shape + numeric defaults).
 
-    Numeric fields listed in ``NUMERIC_HPARAMS`` become the traced ``hparams`` of the round:
-    changing them does not recompile. The others fix shapes and code paths.
+    The numeric fields the round reads (:func:`hparams_of`; each declared by its stage, see
+    :mod:`fedjax_dp.core.hparams`) become the traced ``hparams`` of the round: changing them
+    does not recompile. The others fix shapes and code paths.
     """
 
     name: str = "fedavg"
